@@ -1,5 +1,11 @@
-"""Kernels, each with its sequential reference beside it."""
+"""Kernels, each with its sequential or dense reference beside it."""
+from .attention_reference import attention_mask, attention_reference
 from .linear_scan import linear_scan
+from .local_attention import causal_attention
+from .rglru import rglru, rglru_gates, rglru_step, sqrt_bounded_grad
 from .scan_reference import linear_scan_reference
 
-__all__ = ["linear_scan", "linear_scan_reference"]
+__all__ = [
+    "linear_scan", "linear_scan_reference", "causal_attention", "attention_reference",
+    "attention_mask", "rglru", "rglru_gates", "rglru_step", "sqrt_bounded_grad",
+]

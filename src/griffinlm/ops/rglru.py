@@ -1,0 +1,100 @@
+"""The RG-LRU recurrence (De et al. 2024, eq. 1-4) given its gate pre-activations.
+
+    r_t = sigmoid(gate_r_t)                 recurrence gate
+    i_t = sigmoid(gate_i_t)                 input gate
+    log a_t = c * r_t * log_a               (log_a = log sigmoid(Lambda) = -softplus(-Lambda))
+    h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x_t)
+
+At a document start (reset) the carried state is dropped (a_t = 0); with `unscaled_reset`
+the first input is also not multiplied by sqrt(1 - a_t^2), as RecurrentGemma does.
+Everything is computed in float32 and the state is float32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from .linear_scan import linear_scan
+
+# Gradient of sqrt(u) at u -> 0 is unbounded; a_t -> 1 drives 1 - a_t^2 -> 0. Clip it.
+MAX_SQRT_GRADIENT = 1000.0
+
+
+class _SqrtBoundedGrad(torch.autograd.Function):
+    """sqrt(u) whose derivative 1 / (2 sqrt(u)) is clipped to MAX_SQRT_GRADIENT."""
+
+    @staticmethod
+    def forward(ctx, u):
+        y = torch.sqrt(u)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad / torch.clamp(2.0 * y, min=1.0 / MAX_SQRT_GRADIENT)
+
+
+def sqrt_bounded_grad(u: torch.Tensor) -> torch.Tensor:
+    """sqrt(u) with its derivative bounded by MAX_SQRT_GRADIENT (finite at u = 0)."""
+    return _SqrtBoundedGrad.apply(u)
+
+
+def rglru_gates(
+    gate_r: torch.Tensor, gate_i: torch.Tensor, x: torch.Tensor, log_a: torch.Tensor,
+    c: float, reset: torch.Tensor | None = None, unscaled_reset: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise part of the RG-LRU: the decays a_t and the normalised inputs.
+
+    Args:
+        gate_r, gate_i, x: (..., D) recurrence-gate logits, input-gate logits, inputs.
+        log_a: (D,) log of the base decay a = sigmoid(Lambda), negative.
+        c: the decay exponent constant (8 in the paper).
+        reset: optional (...) bool, True where a document starts.
+        unscaled_reset: at a reset, feed x_t * i_t without the sqrt(1 - a_t^2) factor.
+
+    Returns:
+        a_t and normalised inputs, both (..., D) float32.
+    """
+    r = torch.sigmoid(gate_r.float())
+    i = torch.sigmoid(gate_i.float())
+    log_at = (c * r) * log_a.float()
+    a_t = torch.exp(log_at)
+    mult = sqrt_bounded_grad(-torch.expm1(2.0 * log_at))  # sqrt(1 - a_t^2), accurate near a_t = 1
+    if reset is not None:
+        reset = reset[..., None]
+        a_t = torch.where(reset, torch.zeros_like(a_t), a_t)
+        if unscaled_reset:
+            mult = torch.where(reset, torch.ones_like(mult), mult)
+    return a_t, x.float() * i * mult
+
+
+def rglru(
+    x: torch.Tensor, gate_r: torch.Tensor, gate_i: torch.Tensor, log_a: torch.Tensor,
+    c: float = 8.0, reset: torch.Tensor | None = None, h0: torch.Tensor | None = None,
+    unscaled_reset: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RG-LRU over a sequence.
+
+    Args:
+        x: (B, T, D) inputs; gate_r, gate_i: (B, T, D) gate logits (pre-sigmoid).
+        log_a: (D,) log base decay, log sigmoid(Lambda).
+        c: decay exponent constant.
+        reset: optional (B, T) bool, True at document starts.
+        h0: optional (B, D) float32 state carried in from a cache.
+        unscaled_reset: see `rglru_gates`.
+
+    Returns:
+        y: (B, T, D) float32 states h_t (the RG-LRU output); h_last: (B, D) float32.
+    """
+    a_t, u = rglru_gates(gate_r, gate_i, x, log_a, c, reset, unscaled_reset)
+    return linear_scan(a_t, u, h0)
+
+
+def rglru_step(
+    x: torch.Tensor, gate_r: torch.Tensor, gate_i: torch.Tensor, log_a: torch.Tensor,
+    h: torch.Tensor, c: float = 8.0, reset: torch.Tensor | None = None,
+    unscaled_reset: bool = False,
+) -> torch.Tensor:
+    """One decoding step: x, gates (B, D), state h (B, D) float32, reset (B,). Returns new h."""
+    a_t, u = rglru_gates(gate_r, gate_i, x, log_a, c, reset, unscaled_reset)
+    return a_t * h + u
