@@ -1,0 +1,108 @@
+"""Swish and the GLU family (Ramachandran et al. 2017; Dauphin et al. 2017; Shazeer 2020).
+
+    swish_beta(x)           = x * sigmoid(beta * x)
+    GLU(x, W, V, b, c)      = sigmoid(xW + b) * (xV + c)
+    FFN_act(x) (gated)      = down(act(gate(x)) * up(x))
+    FFN_act(x) (ungated)    = down(act(up(x)))
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GATED = ("glu", "bilinear", "reglu", "geglu", "swiglu")
+UNGATED = ("relu", "gelu", "swish")
+
+
+def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """x * sigmoid(beta * x): SiLU at beta = 1, x / 2 at beta = 0, ReLU as beta -> inf."""
+    return x * torch.sigmoid(beta * x)
+
+
+class Swish(nn.Module):
+    """Swish with a fixed beta, or a learnable scalar beta (initialised to `beta`)."""
+
+    def __init__(self, beta: float = 1.0, learnable: bool = False) -> None:
+        super().__init__()
+        if learnable:
+            self.beta = nn.Parameter(torch.tensor(float(beta)))
+        else:
+            self.register_buffer("beta", torch.tensor(float(beta)), persistent=False)
+        self.learnable = learnable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.learnable and float(self.beta) == 1.0:
+            return F.silu(x)
+        return swish(x, self.beta.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"beta={float(self.beta):.4g}, learnable={self.learnable}"
+
+
+class GeLU(nn.Module):
+    """GeLU with the tanh approximation (Griffin, RecurrentGemma) or the exact erf form."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=self.approximate)
+
+
+def make_activation(name: str, gelu_approximate: str = "tanh", learnable_beta: bool = False) -> nn.Module:
+    """The nonlinearity of a (gated or plain) FFN named by `name`."""
+    if name in ("glu",):
+        return nn.Sigmoid()
+    if name == "bilinear":
+        return nn.Identity()
+    if name in ("reglu", "relu"):
+        return nn.ReLU()
+    if name in ("geglu", "gelu"):
+        return GeLU(gelu_approximate)
+    if name in ("swiglu", "swish"):
+        return Swish(1.0, learnable=learnable_beta)
+    raise ValueError(f"unknown activation {name!r}; expected one of {GATED + UNGATED}")
+
+
+class GatedMLP(nn.Module):
+    """Gated feed-forward block: down_proj(act(gate_proj(x)) * up_proj(x)).
+
+    Args:
+        width: model width D; hidden: hidden width per branch M.
+        activation: one of "glu", "bilinear", "reglu", "geglu", "swiglu".
+        bias: biases on all three projections (with "glu" this is exactly GLU(x, W, V, b, c)).
+    Shapes: (..., D) -> (..., D).
+    """
+
+    def __init__(self, width: int, hidden: int, activation: str = "geglu", bias: bool = False,
+                 gelu_approximate: str = "tanh", learnable_beta: bool = False) -> None:
+        super().__init__()
+        if activation not in GATED:
+            raise ValueError(f"GatedMLP activation must be one of {GATED}, got {activation!r}")
+        self.activation = activation
+        self.gate_proj = nn.Linear(width, hidden, bias=bias)
+        self.up_proj = nn.Linear(width, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, width, bias=bias)
+        self.act = make_activation(activation, gelu_approximate, learnable_beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(nn.Module):
+    """Plain two-layer feed-forward block: down_proj(act(up_proj(x))), act in relu/gelu/swish."""
+
+    def __init__(self, width: int, hidden: int, activation: str = "gelu", bias: bool = False,
+                 gelu_approximate: str = "tanh", learnable_beta: bool = False) -> None:
+        super().__init__()
+        if activation not in UNGATED:
+            raise ValueError(f"MLP activation must be one of {UNGATED}, got {activation!r}")
+        self.activation = activation
+        self.up_proj = nn.Linear(width, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, width, bias=bias)
+        self.act = make_activation(activation, gelu_approximate, learnable_beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))

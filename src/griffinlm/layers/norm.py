@@ -1,0 +1,28 @@
+"""RMSNorm (Zhang & Sennrich 2019), computed in float32."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * scale, with scale = weight or (1 + weight).
+
+    `unit_offset=True` is RecurrentGemma's parameterisation (weight initialised to 0).
+    Shapes: (..., D) -> (..., D), same dtype as the input.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        scale = self.weight.float() + 1.0 if self.unit_offset else self.weight.float()
+        return (y * scale).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)

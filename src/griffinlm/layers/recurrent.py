@@ -1,0 +1,65 @@
+"""The recurrent block of Hawk and Griffin (De et al. 2024, figure 2).
+
+    branch y: Linear(D -> D_rnn) -> GeLU
+    branch x: Linear(D -> D_rnn) -> Conv1D -> RG-LRU
+    out     = Linear(D_rnn -> D)(y * x)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .conv import Conv1D
+from .positions import Positions
+from .rglru import RGLRU
+
+
+@dataclass
+class RecurrentCache:
+    """Decoding state of one recurrent block: conv inputs (B, W-1, D_rnn), RG-LRU state (B, D_rnn) fp32."""
+
+    conv: torch.Tensor
+    rnn: torch.Tensor
+
+    @classmethod
+    def init(cls, batch: int, lru_width: int, conv_width: int, device=None,
+             dtype: torch.dtype = torch.float32) -> "RecurrentCache":
+        return cls(torch.zeros(batch, conv_width - 1, lru_width, device=device, dtype=dtype),
+                   torch.zeros(batch, lru_width, device=device, dtype=torch.float32))
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.conv = self.conv.index_select(0, index)
+        self.rnn = self.rnn.index_select(0, index)
+
+
+class RecurrentBlock(nn.Module):
+    """Temporal mixing with the RG-LRU. Shapes: x (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, width: int, lru_width: int, num_blocks: int, conv_width: int = 4,
+                 bias: bool = True, conv_bias: bool = True, gelu_approximate: str = "tanh",
+                 lru_c: float = 8.0, lru_init: str = "paper", min_rad: float = 0.9,
+                 max_rad: float = 0.999, unscaled_reset: bool = False) -> None:
+        super().__init__()
+        self.lru_width, self.conv_width, self.gelu_approximate = lru_width, conv_width, gelu_approximate
+        self.linear_y = nn.Linear(width, lru_width, bias=bias)
+        self.linear_x = nn.Linear(width, lru_width, bias=bias)
+        self.conv1d = Conv1D(lru_width, conv_width, bias=conv_bias)
+        self.rg_lru = RGLRU(lru_width, num_blocks, lru_c, lru_init, min_rad, max_rad, unscaled_reset)
+        self.linear_out = nn.Linear(lru_width, width, bias=bias)
+
+    def init_cache(self, batch: int, device=None, dtype=torch.float32) -> RecurrentCache:
+        return RecurrentCache.init(batch, self.lru_width, self.conv_width, device, dtype)
+
+    def forward(self, x: torch.Tensor, pos: Positions, cache: RecurrentCache | None = None,
+                offset: int = 0) -> torch.Tensor:
+        y = F.gelu(self.linear_y(x), approximate=self.gelu_approximate)  # (B, T, D_rnn)
+        u = self.linear_x(x)  # (B, T, D_rnn)
+        u, conv_state = self.conv1d(u, pos, None if cache is None else cache.conv)
+        h, h_last = self.rg_lru(u, pos.reset, None if cache is None else cache.rnn)
+        if cache is not None:
+            cache.conv.copy_(conv_state)
+            cache.rnn.copy_(h_last)
+        return self.linear_out(h.to(x.dtype) * y)

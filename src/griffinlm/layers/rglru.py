@@ -1,0 +1,85 @@
+"""The Real-Gated Linear Recurrent Unit (De et al. 2024, section 2.4).
+
+    r_t = sigmoid(W_a x_t + b_a),  i_t = sigmoid(W_x x_t + b_x)
+    a_t = a^(c r_t),  a = sigmoid(Lambda),  log a_t = -c * softplus(-Lambda) * r_t
+    h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x_t)
+
+Gate weights are block-diagonal (`num_blocks` blocks), so the layer shards by blocks.
+The state is float32 whatever the activation dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import rglru, rglru_step
+
+
+def lambda_init(width: int, init: str, min_rad: float = 0.9, max_rad: float = 0.999, c: float = 8.0) -> torch.Tensor:
+    """Initial Lambda (D,) such that a = sigmoid(Lambda) is drawn as named.
+
+    "paper": a^c uniform in [min_rad, max_rad] (the Griffin paper).
+    "recurrentgemma": a uniform in a^2 over [min_rad^2, max_rad^2] (RecurrentGemma's code).
+    """
+    if init == "paper":
+        a = torch.empty(width).uniform_(min_rad, max_rad) ** (1.0 / c)
+    elif init == "recurrentgemma":
+        a = torch.empty(width).uniform_(min_rad**2, max_rad**2).sqrt()
+    else:
+        raise ValueError(f"unknown RG-LRU init {init!r}; expected 'paper' or 'recurrentgemma'")
+    return torch.log(a) - torch.log1p(-a)  # logit(a)
+
+
+class RGLRU(nn.Module):
+    """RG-LRU over width D with block-diagonal gates. Shapes: x (B, T, D) -> y (B, T, D) float32."""
+
+    def __init__(self, width: int, num_blocks: int, c: float = 8.0, init: str = "paper",
+                 min_rad: float = 0.9, max_rad: float = 0.999, unscaled_reset: bool = False) -> None:
+        super().__init__()
+        if width % num_blocks:
+            raise ValueError(f"RG-LRU width {width} must be divisible by num_blocks {num_blocks}")
+        self.width, self.num_blocks, self.c = width, num_blocks, c
+        self.init, self.min_rad, self.max_rad, self.unscaled_reset = init, min_rad, max_rad, unscaled_reset
+        bw = width // num_blocks
+        self.gate_r_weight = nn.Parameter(torch.empty(num_blocks, bw, bw))
+        self.gate_r_bias = nn.Parameter(torch.zeros(num_blocks, bw))
+        self.gate_i_weight = nn.Parameter(torch.empty(num_blocks, bw, bw))
+        self.gate_i_bias = nn.Parameter(torch.zeros(num_blocks, bw))
+        self.lambda_ = nn.Parameter(torch.empty(width))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bw = self.width // self.num_blocks
+        nn.init.normal_(self.gate_r_weight, std=1.0 / math.sqrt(bw))
+        nn.init.normal_(self.gate_i_weight, std=1.0 / math.sqrt(bw))
+        nn.init.zeros_(self.gate_r_bias)
+        nn.init.zeros_(self.gate_i_bias)
+        with torch.no_grad():
+            self.lambda_.copy_(lambda_init(self.width, self.init, self.min_rad, self.max_rad, self.c))
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block-diagonal gate logits (..., D) for the recurrence and input gates."""
+        xb = x.unflatten(-1, (self.num_blocks, -1))  # (..., H, bw)
+        r = torch.einsum("...hi,hij->...hj", xb, self.gate_r_weight.to(x.dtype)) + self.gate_r_bias.to(x.dtype)
+        i = torch.einsum("...hi,hij->...hj", xb, self.gate_i_weight.to(x.dtype)) + self.gate_i_bias.to(x.dtype)
+        return r.flatten(-2), i.flatten(-2)
+
+    def log_a(self) -> torch.Tensor:
+        """(D,) log sigmoid(Lambda) = -softplus(-Lambda), in float32."""
+        return -F.softplus(-self.lambda_.float())
+
+    def forward(self, x: torch.Tensor, reset: torch.Tensor | None = None,
+                h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D); reset: (B, T) bool document starts; h0: (B, D) float32 state.
+
+        Returns y (B, T, D) float32 and the last state (B, D) float32.
+        """
+        gate_r, gate_i = self.gates(x)
+        if x.shape[1] == 1 and h0 is not None:
+            h = rglru_step(x[:, 0], gate_r[:, 0], gate_i[:, 0], self.log_a(), h0, self.c,
+                           None if reset is None else reset[:, 0], self.unscaled_reset)
+            return h[:, None], h
+        return rglru(x, gate_r, gate_i, self.log_a(), self.c, reset, h0, self.unscaled_reset)
