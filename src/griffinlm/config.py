@@ -194,16 +194,24 @@ PATTERNS = {
 # Tiny models for tests and the CPU demo: byte vocabulary (256 bytes + BOS/EOS/PAD).
 _TINY = dict(vocab_size=259, width=256, depth=6, num_heads=4, local_window=256, mlp_expansion=3.0)
 
-# The paper's scales (Appendix C): width, depth, heads, RG-LRU width. Head dim 128.
-# Nominal sizes count non-embedding parameters (see LanguageModel.param_count).
+# The paper's scales (Appendix C, recalled): width, heads (head dim 128), RG-LRU width. The
+# nominal sizes count non-embedding parameters (LanguageModel.param_count); MQA blocks are
+# lighter than recurrent ones, so each architecture gets the depth that reaches the nominal
+# size within 5% (the paper's depths are 12, 12, 18, 24, 32, 40; Hawk keeps them).
 _SCALES = {
-    "100m": dict(width=768, depth=12, num_heads=6, lru_width=1024),
-    "400m": dict(width=1536, depth=12, num_heads=12, lru_width=2048),
-    "1b": dict(width=2048, depth=18, num_heads=16, lru_width=2560),
-    "3b": dict(width=3072, depth=24, num_heads=24, lru_width=4096),
-    "7b": dict(width=4096, depth=32, num_heads=32, lru_width=5632),
-    "14b": dict(width=5120, depth=40, num_heads=40, lru_width=8192),
+    "100m": dict(width=768, num_heads=6, lru_width=1024),
+    "400m": dict(width=1536, num_heads=12, lru_width=2048),
+    "1b": dict(width=2048, num_heads=16, lru_width=2560),
+    "3b": dict(width=3072, num_heads=24, lru_width=4096),
+    "7b": dict(width=4096, num_heads=32, lru_width=5632),
+    "14b": dict(width=5120, num_heads=40, lru_width=8192),
 }
+_DEPTHS = {
+    "transformer": {"100m": 15, "400m": 15, "1b": 21, "3b": 29, "7b": 38, "14b": 48},
+    "hawk": {"100m": 12, "400m": 13, "1b": 18, "3b": 24, "7b": 32, "14b": 40},
+    "griffin": {"100m": 13, "400m": 14, "1b": 19, "3b": 26, "7b": 32, "14b": 40},
+}
+NOMINAL_PARAMS = {"100m": 100e6, "400m": 400e6, "1b": 1e9, "3b": 3e9, "7b": 7e9, "14b": 14e9}
 
 
 def _build_presets() -> dict[str, dict[str, Any]]:
@@ -211,9 +219,12 @@ def _build_presets() -> dict[str, dict[str, Any]]:
     for arch, pattern in PATTERNS.items():
         presets[f"{arch}-tiny"] = dict(_TINY, block_pattern=pattern)
         for scale, dims in _SCALES.items():
-            d = dict(dims, block_pattern=pattern, vocab_size=256_000, local_window=1024)
+            d = dict(dims, depth=_DEPTHS[arch][scale], block_pattern=pattern, vocab_size=256_000,
+                     local_window=1024)
             if arch == "transformer":
                 d.pop("lru_width")
+            else:
+                d["lru_num_blocks"] = dims["lru_width"] // 128  # gate blocks of 128 channels
             presets[f"{arch}-{scale}"] = d
     return presets
 

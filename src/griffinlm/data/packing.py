@@ -114,14 +114,15 @@ class BatchSampler:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
 
     def next_batch(self) -> Batch:
-        picked = []
-        while len(picked) < self.batch_size:
+        picked, count = [], 0
+        while count < self.batch_size:
             if self.offset == len(self._order):
                 self.epoch, self.offset = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
-            take = min(self.batch_size - len(picked), len(self._order) - self.offset)
+            take = min(self.batch_size - count, len(self._order) - self.offset)
             picked.append(self._order[self.offset:self.offset + take])
             self.offset += take
+            count += take
         return self.data.get(np.concatenate(picked))
 
     def state_dict(self) -> dict:
