@@ -1,0 +1,163 @@
+"""LanguageModel for all three architectures: causality, caches, generation, gradients, errors."""
+import pytest
+import torch
+
+from griffinlm import LanguageModel, ModelCache, ModelConfig
+from griffinlm.config import NOMINAL_PARAMS
+
+ARCHS = ["transformer", "hawk", "griffin"]
+
+
+def small(arch: str, **kw) -> LanguageModel:
+    # window 6 < sequence lengths below, so the local-attention ring wraps. Float64 weights;
+    # the RG-LRU state stays float32 by design, hence tolerances of 1e-5 below.
+    cfg = ModelConfig.preset(f"{arch}-tiny", width=64, depth=3, num_heads=2, local_window=6, **kw)
+    return LanguageModel(cfg).double().eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_causality(arch):
+    m = small(arch)
+    x = torch.randint(0, 259, (2, 24))
+    base = m(x)
+    for k in (0, 7, 23):
+        y = x.clone()
+        y[:, k] = (y[:, k] + 1) % 259
+        out = m(y)
+        torch.testing.assert_close(out[:, :k], base[:, :k], rtol=0, atol=0)
+        assert not torch.allclose(out[:, k], base[:, k])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("prefill", [1, 5, 13])
+def test_prefill_then_decode_equals_full_forward(arch, prefill):
+    m = small(arch)
+    x = torch.randint(0, 259, (3, 29))
+    full = m(x)
+    cache = m.init_cache(3, max_length=29)
+    logits, cache = m(x[:, :prefill], cache=cache)
+    outs = [logits]
+    for t in range(prefill, 29):
+        logits, cache = m(x[:, t : t + 1], cache=cache)
+        outs.append(logits)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 29
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_and_packed_documents(arch):
+    m = small(arch)
+    x = torch.randint(0, 259, (2, 30))
+    full = m(x)
+    cache = m.init_cache(2, max_length=30)
+    parts = [m(x[:, a:b], cache=cache)[0] for a, b in ((0, 4), (4, 19), (19, 30))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    # two documents packed in one row see nothing of each other
+    seg = torch.cat([torch.arange(11), torch.arange(19)])[None].expand(2, -1)
+    packed = m(x, segment_pos=seg)
+    torch.testing.assert_close(packed[:, :11], m(x[:, :11]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[:, 11:], m(x[:, 11:]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generate_is_argmax_of_full_forward(arch):
+    m = small(arch).float()
+    prompt = torch.randint(0, 259, (2, 5))
+    out = m.generate(prompt, max_new_tokens=15)
+    assert out.shape == (2, 20)
+    assert torch.equal(out[:, :5], prompt)
+    logits = m(out)
+    assert torch.equal(out[:, 5:], logits[:, 4:-1].argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradients_reach_every_parameter(arch):
+    m = small(arch, mlp_activation="swiglu", learnable_swish_beta=True).float().train()
+    x = torch.randint(0, 259, (2, 16))
+    loss = torch.nn.functional.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_matches():
+    m = small("griffin").float().train()
+    x = torch.randint(0, 259, (2, 16))
+    m(x).square().mean().backward()
+    g1 = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.gradient_checkpointing = True
+    m(x).square().mean().backward()
+    for a, b in zip(g1, (p.grad for p in m.parameters())):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_preset_parameter_counts(arch):
+    for scale, nominal in NOMINAL_PARAMS.items():
+        cfg = ModelConfig.preset(f"{arch}-{scale}")
+        with torch.device("meta"):
+            n = LanguageModel(cfg).param_count()
+        assert abs(n / nominal - 1) < 0.05, (arch, scale, n)
+    tiny = [LanguageModel(ModelConfig.preset(f"{a}-tiny")).param_count() for a in ARCHS]
+    assert max(tiny) / min(tiny) < 1.1  # the tiny presets are comparable
+    assert 2e6 < min(tiny) and max(tiny) < 10e6
+
+
+def test_griffin_block_pattern():
+    cfg = ModelConfig.preset("griffin-tiny", depth=6)
+    assert cfg.block_types == ("recurrent", "recurrent", "attention") * 2
+    assert set(ModelConfig.preset("hawk-tiny").block_types) == {"recurrent"}
+    assert set(ModelConfig.preset("transformer-tiny").block_types) == {"global_attention"}
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="num_heads"):
+        ModelConfig(width=100, num_heads=3)
+    with pytest.raises(ValueError, match="block_pattern"):
+        ModelConfig(block_pattern=("recurrent", "mamba"))
+    with pytest.raises(ValueError, match="depth"):
+        ModelConfig(depth=0)
+    with pytest.raises(ValueError, match="mlp_activation"):
+        ModelConfig(mlp_activation="tanh")
+    with pytest.raises(ValueError, match="lru_num_blocks"):
+        ModelConfig(lru_width=100, lru_num_blocks=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        ModelConfig.preset("griffin-huge")
+    with pytest.raises(ValueError, match="bad override"):
+        ModelConfig.preset("griffin-tiny", wdith=3)
+    cfg = ModelConfig.preset("griffin-tiny")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        ModelConfig.from_dict({**cfg.to_dict(), "colour": 1})
+
+
+def test_bad_input_errors():
+    m = small("griffin")
+    with pytest.raises(ValueError, match=r"out of range \[0, 259\)"):
+        m(torch.tensor([[1, 259]]))
+    with pytest.raises(ValueError, match="out of range"):
+        m(torch.tensor([[-1, 2]]))
+    with pytest.raises(TypeError, match="integer"):
+        m(torch.rand(1, 4))
+    with pytest.raises(ValueError, match=r"\(batch, seq_len\)"):
+        m(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="non-empty"):
+        m(torch.zeros(1, 0, dtype=torch.long))
+    cache = m.init_cache(2)
+    with pytest.raises(ValueError, match="batch size 2"):
+        m(torch.zeros(3, 4, dtype=torch.long), cache=cache)
+    with pytest.raises(TypeError, match="ModelCache"):
+        m(torch.zeros(2, 4, dtype=torch.long), cache={"k": 1})
+    with pytest.raises(TypeError, match="tokens must be a torch.Tensor"):
+        m([[1, 2]])
+
+
+def test_cache_is_constant_size_for_recurrent_models():
+    m = small("griffin")
+    cache = m.init_cache(1, max_length=64)
+    size = cache.nbytes()
+    for _ in range(3):
+        _, cache = m(torch.randint(0, 259, (1, 20)), cache=cache)
+    assert isinstance(cache, ModelCache) and cache.nbytes() == size
