@@ -2,14 +2,19 @@
 
     h_t = a_t * h_{t-1} + x_t,   t = 0 .. T-1,   h_{-1} = h0 (or 0)
 
-Fast kernels (CPU, Triton) plug in behind this name; callers never pick one. Whatever the
+Fast kernels plug in behind this name (CPU: numba, `scan_numba.py`; CUDA: Triton,
+`scan_triton.py`); the pure-torch Function here is the compiler-free fallback. Callers
+need not pick one; `impl=` forces one for tests and benchmarks. Whatever the
 input dtype, the recurrence accumulates in float32 and the states are returned in float32,
 because the RG-LRU keeps its state in fp32.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from . import scan_numba
 from .scan_reference import linear_scan_reference  # noqa: F401  (re-exported for tests)
 
 
@@ -75,19 +80,69 @@ class _LinearScanTorch(torch.autograd.Function):
         )
 
 
+IMPLS = ("reference", "torch", "numba", "triton")
+
+
+def _triton_usable(x: torch.Tensor) -> bool:
+    if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        return False
+    try:
+        from . import scan_triton  # noqa: F401
+    except Exception:  # triton missing or broken: the torch Function still works on CUDA
+        return False
+    return True
+
+
+def available_impls(device: str | torch.device = "cpu") -> list[str]:
+    """Implementations `linear_scan(..., impl=...)` can run on tensors of this device."""
+    probe = torch.empty(0, device=device)
+    out = ["reference", "torch"]
+    if probe.device.type == "cpu" and scan_numba.available():
+        out.append("numba")
+    if _triton_usable(probe):
+        out.append("triton")
+    return out
+
+
+def default_impl(x: torch.Tensor) -> str:
+    """CUDA -> triton; CPU -> numba; else (or for float64) the torch Function."""
+    if x.dtype == torch.float64:
+        return "torch"  # the fast kernels accumulate in float32
+    if x.is_cuda:
+        return "triton" if _triton_usable(x) else "torch"
+    if x.device.type == "cpu" and scan_numba.available():
+        return "numba"
+    return "torch"
+
+
 def linear_scan(
-    a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None
+    a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None, *, impl: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Diagonal linear recurrence h_t = a_t * h_{t-1} + x_t over the time axis.
 
     Args:
-        a: (B, T, D) decays (float32/bf16/fp16/fp64), usually in [0, 1].
+        a: (B, T, D) decays (float32/bf16/fp16/fp64), usually in [0, 1]; any strides.
         x: (B, T, D) inputs, same shape as `a`.
         h0: optional (B, D) initial state; gradients flow to it.
+        impl: force a backend ("reference", "torch", "numba", "triton"); None picks the
+            fastest available for the device (see `default_impl`).
 
     Returns:
-        h: (B, T, D) every state, float32 (float64 for float64 inputs).
+        h: (B, T, D) every state, float32 (float64 for float64 inputs on the torch paths).
         h_last: (B, D) the final state (equals h[:, -1] when T > 0, h0 or zeros when T == 0).
     """
     _check_inputs(a, x, h0)
-    return _LinearScanTorch.apply(a, x, h0)
+    impl = default_impl(x) if impl is None else impl
+    if impl == "numba":
+        if not scan_numba.available():
+            raise RuntimeError("linear_scan: impl='numba' requested but numba is not importable")
+        return scan_numba.LinearScanNumba.apply(a, x, h0)
+    if impl == "triton":
+        from .scan_triton import linear_scan_triton
+
+        return linear_scan_triton(a, x, h0)
+    if impl == "torch":
+        return _LinearScanTorch.apply(a, x, h0)
+    if impl == "reference":
+        return linear_scan_reference(a, x, h0)
+    raise ValueError(f"linear_scan: unknown impl {impl!r}; expected one of {IMPLS}")

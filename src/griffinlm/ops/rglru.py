@@ -7,12 +7,14 @@
 
 At a document start (reset) the carried state is dropped (a_t = 0); with `unscaled_reset`
 the first input is also not multiplied by sqrt(1 - a_t^2), as RecurrentGemma does.
-Everything is computed in float32 and the state is float32 whatever the input dtype.
+Everything is computed in float32 and the state is float32 whatever the input dtype
+(float64 inputs stay float64: that is how the tests build their reference).
 """
 from __future__ import annotations
 
 import torch
 
+from . import scan_numba
 from .linear_scan import linear_scan
 
 # Gradient of sqrt(u) at u -> 0 is unbounded; a_t -> 1 drives 1 - a_t^2 -> 0. Clip it.
@@ -53,11 +55,12 @@ def rglru_gates(
         unscaled_reset: at a reset, feed x_t * i_t without the sqrt(1 - a_t^2) factor.
 
     Returns:
-        a_t and normalised inputs, both (..., D) float32.
+        a_t and normalised inputs, both (..., D) float32 (float64 if x is float64).
     """
-    r = torch.sigmoid(gate_r.float())
-    i = torch.sigmoid(gate_i.float())
-    log_at = (c * r) * log_a.float()
+    acc = torch.promote_types(x.dtype, torch.float32)  # float64 only for float64 (test references)
+    r = torch.sigmoid(gate_r.to(acc))
+    i = torch.sigmoid(gate_i.to(acc))
+    log_at = (c * r) * log_a.to(acc)
     a_t = torch.exp(log_at)
     mult = sqrt_bounded_grad(-torch.expm1(2.0 * log_at))  # sqrt(1 - a_t^2), accurate near a_t = 1
     if reset is not None:
@@ -65,13 +68,13 @@ def rglru_gates(
         a_t = torch.where(reset, torch.zeros_like(a_t), a_t)
         if unscaled_reset:
             mult = torch.where(reset, torch.ones_like(mult), mult)
-    return a_t, x.float() * i * mult
+    return a_t, x.to(acc) * i * mult
 
 
 def rglru(
     x: torch.Tensor, gate_r: torch.Tensor, gate_i: torch.Tensor, log_a: torch.Tensor,
     c: float = 8.0, reset: torch.Tensor | None = None, h0: torch.Tensor | None = None,
-    unscaled_reset: bool = False,
+    unscaled_reset: bool = False, *, impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RG-LRU over a sequence.
 
@@ -82,10 +85,23 @@ def rglru(
         reset: optional (B, T) bool, True at document starts.
         h0: optional (B, D) float32 state carried in from a cache.
         unscaled_reset: see `rglru_gates`.
+        impl: "fused" (one-pass numba kernel, CPU), "composed" (`rglru_gates` then
+            `linear_scan`, the reference and fallback), or None: fused when available.
 
     Returns:
         y: (B, T, D) float32 states h_t (the RG-LRU output); h_last: (B, D) float32.
     """
+    if impl is None:
+        fusable = x.device.type == "cpu" and x.dtype != torch.float64 and scan_numba.available()
+        impl = "fused" if fusable else "composed"
+    if impl == "fused":
+        from .rglru_numba import RGLRUNumba
+
+        if reset is not None and reset.dtype != torch.bool:
+            reset = reset.bool()
+        return RGLRUNumba.apply(x, gate_r, gate_i, log_a, c, reset, h0, unscaled_reset)
+    if impl != "composed":
+        raise ValueError(f"rglru: unknown impl {impl!r}; expected 'fused' or 'composed'")
     a_t, u = rglru_gates(gate_r, gate_i, x, log_a, c, reset, unscaled_reset)
     return linear_scan(a_t, u, h0)
 

@@ -1,0 +1,101 @@
+"""Layer-kernel benchmark: fused RG-LRU vs its torch composition; blocked vs dense local attention.
+
+    python benchmarks/layers.py [--repeats N] [--skip-dense-16k]
+
+RG-LRU bound (same-run torch copy bandwidth): forward reads x, gate_r, gate_i and writes h
+(4 tensors); backward reads x, gate_r, gate_i, h, g and writes dx, dgate_r, dgate_i (8).
+Attention: MQA, B=1, H=8, head dim 128, window 1024, forward, blocked path forced (at
+T <= window `causal_attention` itself picks SDPA is_causal); each configuration runs in a
+fresh subprocess. Memory is not measured here: the blocked path allocates O(T (window +
+block)) (key blocks and a (T, window + block) mask), the dense one a (T, T) mask.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+from griffinlm.ops import causal_attention, rglru
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_rglru(B: int, T: int, D: int, repeats: int) -> None:
+    leaves = [torch.randn(B, T, D, requires_grad=True) for _ in range(3)]
+    log_a = (-0.05 * torch.rand(D)).requires_grad_()
+    g = torch.randn(B, T, D)
+    src, dst = torch.randn(B, T, D), torch.empty(B, T, D)
+    nbytes = B * T * D * 4
+    print(f"\n### RG-LRU B={B} T={T} D={D} fp32\n")
+    print("| implementation | copy GB/s | fwd ms | fwd % of bound | fwd+bwd ms | fwd+bwd % of bound |")
+    print("|---|---|---|---|---|---|")
+    for impl in ("fused", "composed"):
+        def fwd():
+            with torch.no_grad():
+                rglru(*leaves, log_a, impl=impl)
+
+        def fwd_bwd():
+            rglru(*leaves, log_a, impl=impl)[0].backward(g)
+
+        reps = repeats if impl == "fused" else max(2, repeats // 3)
+        bw = 2 * nbytes / best_time(lambda: dst.copy_(src), repeats)
+        tf, tfb = best_time(fwd, reps), best_time(fwd_bwd, reps)
+        print(f"| {impl} | {bw / 1e9:.1f} | {tf * 1e3:.1f} | {100 * 4 * nbytes / bw / tf:.0f}% | "
+              f"{tfb * 1e3:.1f} | {100 * 12 * nbytes / bw / tfb:.0f}% |")
+
+
+def attention_child(impl: str, T: int, repeats: int) -> None:
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, T, 128)
+    k, v = torch.randn(1, 1, T, 128), torch.randn(1, 1, T, 128)
+    t = best_time(lambda: causal_attention(q, k, v, 1024, impl=impl), repeats)
+    print(json.dumps(dict(seconds=t)))
+
+
+def bench_attention(repeats: int, skip_dense_16k: bool) -> None:
+    print("\n### Local attention (window 1024, MQA, B=1, H=8, hd=128), forward\n")
+    print("| T | blocked ms | dense masked ms | speedup |")
+    print("|---|---|---|---|")
+    for T in (1024, 4096, 16384):
+        res = {}
+        for impl in ("blocked", "dense"):
+            if impl == "dense" and T == 16384 and skip_dense_16k:
+                continue
+            reps = repeats if T < 16384 else 2
+            out = subprocess.run([sys.executable, __file__, "--child", impl, str(T), str(reps)],
+                                 capture_output=True, text=True, check=True).stdout
+            res[impl] = json.loads(out.strip().splitlines()[-1])
+        b, d = res["blocked"], res.get("dense")
+        dense_ms = f"{d['seconds'] * 1e3:.0f}" if d else "skipped"
+        speed = f"{d['seconds'] / b['seconds']:.1f}x" if d else "-"
+        print(f"| {T} | {b['seconds'] * 1e3:.0f} | {dense_ms} | {speed} |")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        attention_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-dense-16k", action="store_true")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for B, T, D in [(4, 4096, 1024), (4, 512, 2560)]:
+        bench_rglru(B, T, D, args.repeats)
+    bench_attention(args.repeats, args.skip_dense_16k)
+
+
+if __name__ == "__main__":
+    main()

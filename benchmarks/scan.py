@@ -1,0 +1,97 @@
+"""Linear-scan benchmark: every implementation vs the memory bound measured in the same run.
+
+    python benchmarks/scan.py [--repeats N] [--loop-T 128]
+
+Bound = minimum bytes an implementation must move / bandwidth of a torch tensor copy of
+the same size measured here (copy moves 2 tensors). Forward moves a, x in and h out (3
+tensors); backward reads a, g, h_prev and writes da, dx (5); forward+backward 8.
+Autograd through a Python loop over time (the peers' approach) is measured at a shorter T
+and extrapolated linearly in T (its cost per step does not depend on T).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from griffinlm.ops import linear_scan, linear_scan_reference
+from griffinlm.ops.linear_scan import available_impls
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up (compilation, page faults)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def copy_seconds(B: int, T: int, D: int, repeats: int) -> float:
+    src, dst = torch.randn(B, T, D), torch.empty(B, T, D)
+    return best_time(lambda: dst.copy_(src), repeats)  # moves 2 tensors
+
+
+def bench_shape(B: int, T: int, D: int, repeats: int, loop_T: int) -> list[dict]:
+    a = torch.rand(B, T, D, requires_grad=True)
+    x = torch.randn(B, T, D, requires_grad=True)
+    g = torch.randn(B, T, D)
+    rows = []
+    for impl in [i for i in available_impls("cpu") if i != "reference"]:
+        def fwd():
+            with torch.no_grad():
+                linear_scan(a, x, impl=impl)
+
+        def fwd_bwd():
+            h, _ = linear_scan(a, x, impl=impl)
+            h.backward(g)
+
+        reps = repeats if impl != "torch" else max(2, repeats // 3)
+        t_copy = copy_seconds(B, T, D, repeats)  # re-measured next to each implementation
+        rows.append(dict(impl=impl, fwd=best_time(fwd, reps), fwd_bwd=best_time(fwd_bwd, reps),
+                         copy=t_copy, extrapolated=False))
+    # Autograd through the Python loop, at loop_T, scaled by T / loop_T.
+    al = torch.rand(B, loop_T, D, requires_grad=True)
+    xl = torch.randn(B, loop_T, D, requires_grad=True)
+
+    def loop_fwd():
+        with torch.no_grad():
+            linear_scan_reference(al, xl)
+
+    def loop_fwd_bwd():
+        h, _ = linear_scan_reference(al, xl)
+        h.backward(g[:, :loop_T])
+
+    s = T / loop_T
+    rows.append(dict(impl=f"python loop + autograd (T={loop_T}, x{s:g})", fwd=best_time(loop_fwd, 2) * s,
+                     fwd_bwd=best_time(loop_fwd_bwd, 2) * s, copy=copy_seconds(B, T, D, repeats),
+                     extrapolated=True))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--loop-T", type=int, default=128)
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for B, T, D in [(4, 4096, 1024), (4, 512, 2560)]:
+        rows = bench_shape(B, T, D, args.repeats, args.loop_T)
+        nbytes = B * T * D * 4
+        loop = rows[-1]
+        print(f"\n### B={B} T={T} D={D} fp32\n")
+        print("| implementation | copy GB/s | fwd ms | fwd % of bound | fwd+bwd ms | fwd+bwd % of bound |"
+              " fwd+bwd speedup vs loop |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            bw = 2 * nbytes / r["copy"]
+            f_bound, fb_bound = 3 * nbytes / bw, 8 * nbytes / bw
+            print(f"| {r['impl']} | {bw / 1e9:.1f} | {r['fwd'] * 1e3:.1f} | {100 * f_bound / r['fwd']:.0f}% | "
+                  f"{r['fwd_bwd'] * 1e3:.1f} | {100 * fb_bound / r['fwd_bwd']:.0f}% | "
+                  f"{loop['fwd_bwd'] / r['fwd_bwd']:.0f}x |")
+
+
+if __name__ == "__main__":
+    main()
