@@ -286,12 +286,13 @@ def load_corpus(directory: str) -> Corpus:
     return Corpus(directory, meta, TokenSplit(directory, "train", meta), TokenSplit(directory, "val", meta))
 
 
-def corpus_key(data: str, tok: Tokenizer, train_docs: list[DocRef], val_docs: list[DocRef]) -> str:
+def corpus_key(data: str, tok: Tokenizer, train_docs: list[DocRef], val_docs: list[DocRef],
+               text_field: str = "text") -> str:
     """Cache key: interpreter version (for stdlib), the source, tokenizer, and every document's
     id and fingerprint, so edits to the source files rebuild the cache."""
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT_VERSION, os.path.abspath(data) if data != "stdlib" else "stdlib",
-                         tok.to_dict()]).encode())
+                         tok.to_dict(), text_field if data.endswith(".jsonl") else None]).encode())
     for split, docs in (("t", train_docs), ("v", val_docs)):
         for d in docs:
             h.update(f"{split}\0{d.doc_id}\0{d.fingerprint}\n".encode())
@@ -310,7 +311,7 @@ def open_corpus(data: str, tok: Tokenizer, text_field: str = "text", include_tes
                              f"not {tok.to_dict()}")
         return corpus
     train_docs, val_docs = find_documents(data, text_field, include_tests)
-    directory = os.path.join(cache or cache_dir(), "corpora", corpus_key(data, tok, train_docs, val_docs))
+    directory = os.path.join(cache or cache_dir(), "corpora", corpus_key(data, tok, train_docs, val_docs, text_field))
     if not os.path.isfile(os.path.join(directory, "meta.json")):
         if verbose:
             print(f"tokenizing {len(train_docs) + len(val_docs)} documents from {data} into {directory}",

@@ -1,0 +1,280 @@
+"""Training checkpoints: safe formats, atomic writes, verified reads.
+
+A checkpoint is a directory `RUN/checkpoints/step_XXXXXXXX/` with
+  config.json          the ModelConfig (`ModelConfig.to_dict()`)
+  model.safetensors    the weights
+  state.safetensors    optimizer moments and RNG states (tensors only; nothing is pickled)
+  trainer.json         step, training settings, optimizer hyper-parameters, data position, python
+                       and numpy RNG scalars, and a manifest (size + sha256) of the three files above.
+It is written into a temporary sibling directory, every file fsynced, then renamed into place:
+a run killed at any moment leaves either the complete checkpoint or none (plus a stale temporary
+directory that the next save removes). trainer.json is written last, so a directory without it is
+never read as a checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_TENSOR_FILES = ("config.json", "model.safetensors", "state.safetensors")
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt, or does not match what it is loaded into."""
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("checkpoints need the `safetensors` package: pip install 'griffinlm[train]'") from None
+    return st
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+# --- RNG and optimizer state as tensors + JSON -------------------------------------------------
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Current torch / CUDA / numpy / python RNG states as (tensors, JSON-safe scalars)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    py = random.getstate()
+    scalars = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [py[0], list(py[1]), py[2]]}
+    return tensors, scalars
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    kind, pos, has_gauss, gauss = scalars["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_next = scalars["python"]
+    random.setstate((version, tuple(state), gauss_next))
+
+
+def _optimizer_to_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            tensors[f"optim.{idx}.{key}"] = value.detach().contiguous().cpu()
+    return tensors, sd["param_groups"]
+
+
+def _optimizer_from_parts(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    # JSON turned tuples (betas) into lists; give the optimizer back what it saved
+    groups = [{k: tuple(v) if isinstance(v, list) and k not in ("params", "names") else v
+               for k, v in g.items()} for g in groups]
+    return {"state": state, "param_groups": groups}
+
+
+# --- saving -------------------------------------------------------------------------------------
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict, keep_last: int = 3) -> str:
+    """Writes checkpoint `step` atomically, then keeps only the newest `keep_last`. Returns its path.
+
+    trainer_state: JSON-safe dict (training config, data position, metrics so far).
+    """
+    st = _safetensors()
+    root = checkpoint_dir(run_dir)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = os.path.join(root, f".tmp-step_{step:08d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    _write_json(os.path.join(tmp, "config.json"), model.config.to_dict())
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    st.save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    opt_tensors, groups = _optimizer_to_parts(optimizer)
+    rng_tensors, rng_scalars = rng_state()
+    st.save_file({**opt_tensors, **rng_tensors}, os.path.join(tmp, "state.safetensors"))
+    for name in ("model.safetensors", "state.safetensors"):
+        _fsync_file(os.path.join(tmp, name))
+    manifest = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": _sha256(os.path.join(tmp, name))}
+                for name in _TENSOR_FILES}
+    _write_json(os.path.join(tmp, "trainer.json"), {
+        "format": FORMAT_VERSION, "step": step, "optimizer_param_groups": groups, "rng": rng_scalars,
+        "manifest": manifest, **trainer_state})
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for name in os.listdir(root):  # temporaries left by killed runs
+        if name.startswith(".tmp-") and not name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return final
+
+
+# --- reading ------------------------------------------------------------------------------------
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete-looking checkpoint directories of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root) if (m := _STEP_DIR.match(n))]
+    return [p for _, p in sorted(found) if os.path.isfile(os.path.join(p, "trainer.json"))]
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint: its path, model config, trainer.json contents, and state tensors."""
+
+    path: str
+    config: ModelConfig
+    trainer: dict
+    state: dict[str, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer["step"])
+
+
+def read_checkpoint(path: str, verify: bool = True) -> Checkpoint:
+    """Reads and verifies one checkpoint directory; raises CheckpointError naming the bad file."""
+    st = _safetensors()
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    tj = os.path.join(path, "trainer.json")
+    try:
+        with open(tj) as f:
+            trainer = json.load(f)
+        manifest = trainer["manifest"]
+    except FileNotFoundError:
+        raise CheckpointError(f"incomplete checkpoint {path}: {tj} is missing") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"corrupt checkpoint file {tj}: {e}") from None
+    if trainer.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{tj}: checkpoint format {trainer.get('format')} is not {FORMAT_VERSION}")
+    for name in _TENSOR_FILES:
+        fp = os.path.join(path, name)
+        if not os.path.isfile(fp):
+            raise CheckpointError(f"incomplete checkpoint: {fp} is missing")
+        size, want = os.path.getsize(fp), manifest[name]["bytes"]
+        if size != want:
+            raise CheckpointError(f"corrupt checkpoint file {fp}: {size} bytes, expected {want} (truncated?)")
+        if verify and _sha256(fp) != manifest[name]["sha256"]:
+            raise CheckpointError(f"corrupt checkpoint file {fp}: sha256 does not match the manifest")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = ModelConfig.from_dict(json.load(f))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"bad model config {os.path.join(path, 'config.json')}: {e}") from None
+    try:
+        state = st.load_file(os.path.join(path, "state.safetensors"))
+    except Exception as e:  # safetensors raises its own error type for corrupt headers
+        raise CheckpointError(f"corrupt checkpoint file {os.path.join(path, 'state.safetensors')}: {e}") from None
+    return Checkpoint(path, config, trainer, state)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory from a run directory (its newest checkpoint) or a checkpoint directory."""
+    if os.path.isfile(os.path.join(path, "trainer.json")):
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"no checkpoint found in {path} (expected {checkpoint_dir(path)}/step_*/ "
+                              f"or a checkpoint directory holding trainer.json)")
+    return found[-1]
+
+
+def check_config(saved: ModelConfig, wanted: ModelConfig, where: str) -> None:
+    """Refuses a config mismatch, naming every differing field."""
+    diff = saved.diff(wanted)
+    if diff:
+        fields = "; ".join(f"{k}: checkpoint has {a!r}, requested {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise CheckpointError(f"model config does not match checkpoint {where}: {fields}")
+
+
+def load_weights(ckpt: Checkpoint, model: torch.nn.Module) -> None:
+    """Loads the verified checkpoint's weights into `model` (whose config must match)."""
+    check_config(ckpt.config, model.config, ckpt.path)
+    fp = os.path.join(ckpt.path, "model.safetensors")
+    try:
+        weights = _safetensors().load_file(fp, device=str(next(model.parameters()).device))
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint file {fp}: {e}") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{fp} does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def load_optimizer(ckpt: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.load_state_dict(_optimizer_from_parts(ckpt.state, ckpt.trainer["optimizer_param_groups"]))
+
+
+def restore_rng(ckpt: Checkpoint) -> None:
+    set_rng_state(ckpt.state, ckpt.trainer["rng"])
+
+
+def load_model(path: str, device: str | torch.device = "cpu"):
+    """(model, checkpoint) from a run or checkpoint directory, weights loaded, in eval mode."""
+    from .model import LanguageModel
+
+    ckpt = read_checkpoint(resolve_checkpoint(path))
+    model = LanguageModel(ckpt.config).to(device)
+    load_weights(ckpt, model)
+    return model.eval(), ckpt

@@ -1,0 +1,210 @@
+"""`griffinlm train` and `griffinlm eval` sub-commands (registered by griffinlm.cli)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from .config import TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` items (VALUE read as JSON when it parses, else as a string) or JSON file paths."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            if not os.path.isfile(item):
+                raise ValueError(f"--config {item!r}: expected KEY=VALUE or a JSON file")
+            with open(item) as f:
+                out.update(json.load(f))
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers `train` on an argparse sub-parser collection; sets func=run_train."""
+    p = subparsers.add_parser(
+        "train", help="train a Griffin, Hawk or Transformer language model",
+        description="Train a language model from a preset on the built-in corpus (the running Python's "
+                    "standard library), a text file, a directory of text files, a JSONL file or a "
+                    "synthetic task. Writes checkpoints, metrics.jsonl and loss_curve.png to --out; "
+                    "prints held-out bits per byte and a generated sample at the end.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = _DEFAULTS
+    p.add_argument("--model", help="preset name, e.g. griffin-tiny, hawk-tiny, transformer-tiny, griffin-100m "
+                                   "(optional with --resume: taken from the checkpoint)")
+    p.add_argument("--config", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="model config overrides, e.g. --config width=128 depth=4 "
+                        "'block_pattern=[\"recurrent\",\"attention\"]', or a JSON file")
+    p.add_argument("--data", default=d.data,
+                   help="'stdlib', a text file, a directory of text files, a .jsonl file, a built corpus "
+                        "directory, or synthetic:{selective_copying,induction_heads,phonebook}")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="'byte', or a local tokenizer.json / SentencePiece .model")
+    p.add_argument("--text-field", default=d.text_field, help="JSONL field holding the text")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per optimizer step")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps; unset: steps/10, at most 1000")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr (cosine)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW decay on matrices (not norms, biases, embeddings, RG-LRU Lambda)")
+    p.add_argument("--beta1", type=float, default=d.beta1)
+    p.add_argument("--beta2", type=float, default=d.beta2)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (0: ~10 per run)")
+    p.add_argument("--eval-sequences", type=int, default=d.eval_sequences,
+                   help="held-out sequences per periodic evaluation (the final one uses all)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: at evaluations)")
+    p.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept")
+    p.add_argument("--out", default=None, help="run directory; unset: runs/MODEL")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (bf16 autocast on GPU, fp32 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch; unset: torch's choice")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs even if installed")
+    p.add_argument("--no-plot", action="store_true", help="do not draw loss_curve.png at the end")
+    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="tokens to generate at the end")
+    p.add_argument("--sample-prompt", default=d.sample_prompt, help="prompt of the final sample")
+    p.add_argument("--temperature", type=float, default=d.sample_temperature, help="sampling temperature")
+    p.add_argument("--debug-kill-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree under torchrun (data-parallel degree = ranks / tp); "
+                        "--batch-size stays the global batch")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW "
+                                                       "states over the data-parallel ranks (FSDP2)")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import CheckpointError
+    from ..config import ModelConfig
+    from .loop import Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        overrides = parse_overrides(args.config)
+        if args.model is None and not args.resume:
+            return _fail("--model PRESET is required (known presets: " + ", ".join(ModelConfig.preset_names()) + ")")
+        if args.model is None and overrides:
+            return _fail("--config needs --model")
+        model_cfg = ModelConfig.preset(args.model, **overrides) if args.model else None
+        cfg = TrainConfig(
+            data=args.data, tokenizer=args.tokenizer, text_field=args.text_field, steps=args.steps,
+            batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
+            warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+            beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip, seed=args.seed,
+            eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every,
+            keep_last=args.keep_last, device=args.device, grad_checkpointing=args.grad_checkpointing,
+            progress=not args.no_progress, tensorboard=not args.no_tensorboard, plot=not args.no_plot,
+            sample_tokens=args.sample_tokens, sample_prompt=args.sample_prompt,
+            sample_temperature=args.temperature)
+        out = args.out or os.path.join("runs", args.model or "run")
+        trainer = Trainer(model_cfg, cfg, out, resume=args.resume, kill_at_step=args.debug_kill_at_step,
+                          tp=args.tp, fsdp=args.fsdp)
+        summary = trainer.run()
+        if trainer.par is not None:
+            from ..parallel import teardown
+            teardown()
+            if not trainer.is_main:  # rank 0 reports
+                return 0
+    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:  # a step cut midway is not saved; the last checkpoint is intact
+        print(f"\ninterrupted; continue from the last checkpoint with the same command plus --resume",
+              file=sys.stderr)
+        return 130
+    r = summary["held_out"]
+    print(f"held-out bits/byte: {r['bits_per_byte']:.4f}  (loss {r['loss']:.4f} nats/token over "
+          f"{int(r['bytes']):,} bytes; step {summary['step']}, {summary['tokens_seen']:,} tokens, "
+          f"{summary['tokens_per_s']:.0f} tokens/s)")
+    if summary["sample"] is not None:
+        print(f"sample (temperature {cfg.sample_temperature}):\n{summary['sample']}")
+    print(f"run directory: {out}")
+    return 0
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers `eval` on an argparse sub-parser collection; sets func=run_eval."""
+    p = subparsers.add_parser(
+        "eval", help="held-out bits per byte of a checkpoint (prints JSON)",
+        description="Evaluate a checkpoint on a corpus and print JSON with bits_per_byte and loss "
+                    "(nats per token).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("--data", default=None, help="'stdlib', a path, or synthetic:TASK (as for train); "
+                                                "unset: the data the checkpoint was trained on")
+    p.add_argument("--split", choices=("val", "train"), default="val", help="held-out (val) or training split")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; unset: the training seq-len")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many sequences")
+    p.add_argument("--text-field", default=None, help="JSONL field holding the text; unset: as trained")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError, load_model
+    from ..data import PackedSequences, eval_batches, load_tokenizer, open_corpus
+    from .data import SYNTHETIC_PREFIX, open_run_data
+    from .loop import evaluate, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+        model, ckpt = load_model(args.checkpoint, device)
+        trained = ckpt.trainer.get("train_config", {})
+        seq_len = args.seq_len or trained.get("seq_len", 256)
+        text_field = args.text_field or trained.get("text_field", "text")
+        args.data = args.data or trained.get("data", "stdlib")
+        tok = load_tokenizer(ckpt.trainer.get("tokenizer") or "byte")
+        if args.split == "val" or args.data.startswith(SYNTHETIC_PREFIX):
+            data = open_run_data(args.data, tok.to_dict().get("path", "byte"), text_field, seq_len,
+                                 args.batch_size, trained.get("seed", 0), verbose=False)
+            batches = data.held_out(args.max_sequences)
+        else:
+            corpus = open_corpus(args.data, tok, text_field=text_field)
+            seqs = PackedSequences(corpus.train, seq_len, tok.pad_id, (tok.bos_id, tok.eos_id, tok.pad_id),
+                                   pad_last=True)
+            batches = eval_batches(seqs, args.batch_size, args.max_sequences)
+        result = evaluate(model, batches, device)
+    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as e:
+        return _fail(str(e))
+    print(json.dumps({"bits_per_byte": result["bits_per_byte"], "loss": result["loss"],
+                      "target_tokens": result["target_tokens"], "bytes": result["bytes"], "split": args.split,
+                      "data": args.data, "seq_len": seq_len, "checkpoint": ckpt.path, "step": ckpt.step}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (`python -m griffinlm.train.cli train ...`) until griffinlm.cli wires these in."""
+    parser = argparse.ArgumentParser(prog="griffinlm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, evaluation, checkpoints."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import (CheckpointError, check_config, list_checkpoints, load_optimizer, load_weights,
+                          read_checkpoint, restore_rng, save_checkpoint)
+from ..config import ModelConfig
+from ..data import Batch
+from ..model import LanguageModel
+from .config import TrainConfig
+from .data import open_run_data
+from .optim import lr_at, make_optimizer
+from .records import MetricsLog, plot_loss_curve, progress_bar
+
+LN2 = math.log(2.0)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; plain fp32 on CPU (CPU bf16 matmuls are not faster on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def masked_nats(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Sum over counted targets of -log p(target) in nats (fp32 scalar). logits: (B, T, V)."""
+    targets = batch.targets.masked_fill(~batch.loss_mask, -100)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, batches: Iterable[Batch], device: torch.device) -> dict:
+    """Held-out loss (nats per counted target token) and bits per byte
+    (total nats / ln 2 / UTF-8 bytes the counted text targets stand for)."""
+    was_training = model.training
+    model.eval()
+    nats, targets, nbytes = 0.0, 0, 0.0
+    for b in batches:
+        b = b.to(device)
+        with autocast(device):
+            logits = model(b.tokens, segment_pos=b.segment_pos)
+        nats += float(masked_nats(logits, b))
+        targets += b.num_targets
+        nbytes += b.num_bytes
+    model.train(was_training)
+    if targets == 0:
+        raise ValueError("evaluation data has no target tokens")
+    return {"loss": nats / targets, "bits_per_byte": nats / LN2 / max(nbytes, 1e-9),
+            "target_tokens": targets, "bytes": nbytes}
+
+
+class Trainer:
+    """One training run in `out_dir`.
+
+    Args:
+        model_config: the model; None with `resume` to take it from the checkpoint.
+        config: training settings.
+        out_dir: run directory (checkpoints/, metrics.jsonl, loss_curve.png, summary.json).
+        resume: continue from the newest valid checkpoint in out_dir (if any).
+    """
+
+    def __init__(self, model_config: ModelConfig | None, config: TrainConfig, out_dir: str,
+                 resume: bool = False, kill_at_step: int | None = None, tp: int = 1, fsdp: bool = False):
+        self.cfg, self.out_dir, self._kill_at_step = config, out_dir, kill_at_step
+        # Under torchrun (or with --tp/--fsdp): a (dp, tp) mesh; None in a single process.
+        self.par = _parallel_context(tp, fsdp, config.device)
+        self.is_main = self.par is None or self.par.is_main
+        os.makedirs(out_dir, exist_ok=True)
+        ckpt = self._find_resume_checkpoint() if resume else None
+        if not resume and list_checkpoints(out_dir):
+            raise CheckpointError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
+                                  f"or choose another --out")
+        if ckpt is not None:
+            saved_cfg = TrainConfig.from_dict(ckpt.trainer["train_config"])
+            diff = config.resume_diff(saved_cfg)
+            if diff:
+                fields = "; ".join(f"{k}: checkpoint has {a!r}, requested {b!r}" for k, (a, b) in diff.items())
+                raise CheckpointError(f"training settings differ from checkpoint {ckpt.path}: {fields}")
+            if model_config is None:
+                model_config = ckpt.config
+            check_config(ckpt.config, model_config, ckpt.path)
+        if model_config is None:
+            raise ValueError("no model given and nothing to resume: pass --model PRESET")
+
+        self.device = resolve_device(config.device) if self.par is None else self.par.device
+        micro = config.batch_size // config.grad_accum
+        self.data = open_run_data(config.data, config.tokenizer, config.text_field, config.seq_len, micro,
+                                  config.seed, verbose=config.progress and self.is_main)
+        if self.par is not None:  # each DP rank reads its rows of every global micro-batch
+            from ..parallel import ShardedSampler
+            self.data.sampler = ShardedSampler(self.data.sampler, self.par)
+        if model_config.vocab_size < self.data.vocab_size:
+            raise ValueError(f"model vocab_size {model_config.vocab_size} is smaller than the data needs "
+                             f"({self.data.vocab_size}); pass --config vocab_size={self.data.vocab_size}")
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+        self.model = LanguageModel(model_config).to(self.device)
+        self.model.gradient_checkpointing = config.grad_checkpointing
+        if self.par is not None:
+            from ..parallel import mixed_precision_policy, parallelize
+            parallelize(self.model, self.par, fsdp, mixed_precision_policy(self.device))
+        self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay,
+                                        (config.beta1, config.beta2), config.eps)
+        self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
+        self.metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl") if self.is_main else os.devnull,
+                                  os.path.join(out_dir, "tensorboard") if config.tensorboard and self.is_main else None)
+        if ckpt is not None and (self.par is not None or _is_distributed_checkpoint(ckpt.path)):
+            from ..parallel.checkpoint import load_training_state
+            load_training_state(ckpt, self.model, self.optimizer)  # any saved layout -> this one
+        elif ckpt is not None:
+            load_weights(ckpt, self.model)
+            load_optimizer(ckpt, self.optimizer)
+        if ckpt is not None:
+            self.data.sampler.load_state_dict(ckpt.trainer["data"])
+            self.step = ckpt.step
+            self.tokens_seen = ckpt.trainer["tokens_seen"]
+            self.train_seconds = ckpt.trainer["train_seconds"]
+            restore_rng(ckpt)
+            self._log(f"resumed from {ckpt.path} at step {self.step}")
+        self.metrics.truncate_after(self.step)  # drop records of steps the checkpoint does not hold
+        with open(os.path.join(out_dir, "run.json") if self.is_main else os.devnull, "w") as f:
+            json.dump({"model_config": self.model.config.to_dict(), "train_config": config.to_dict(),
+                       "data": self.data.description, "device": str(self.device),
+                       "params_non_embedding": self.model.param_count()}, f, indent=1)
+
+    def _find_resume_checkpoint(self):
+        """Newest checkpoint that verifies; a damaged one is reported and the one before it used."""
+        for path in reversed(list_checkpoints(self.out_dir)):
+            try:
+                return read_checkpoint(path)
+            except CheckpointError as e:
+                print(f"warning: skipping damaged checkpoint: {e}", file=sys.stderr)
+        return None
+
+    def _log(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, file=sys.stderr)
+
+    def train_step(self) -> dict:
+        """One optimizer step over `batch_size` sequences. Returns the step's metrics."""
+        cfg, model = self.cfg, self.model
+        micro = [self.data.sampler.next_batch() for _ in range(cfg.grad_accum)]
+        n_targets = sum(b.num_targets for b in micro)
+        n_bytes = sum(b.num_bytes for b in micro)
+        if self.par is not None:  # the whole global batch's counts
+            from ..parallel import dp_sum
+            n_targets, n_bytes = dp_sum([n_targets, n_bytes], self.par)
+        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        nats = torch.zeros((), device=self.device)
+        for b in micro:
+            b = b.to(self.device)
+            with autocast(self.device):
+                logits = model(b.tokens, segment_pos=b.segment_pos)
+            loss_sum = masked_nats(logits, b)
+            (loss_sum / max(n_targets, 1)).backward()  # the mean over the whole step's targets
+            nats += loss_sum.detach()
+        if self.par is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        else:
+            from ..parallel import clip_grad_norm_, dp_sum
+            grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            nats = torch.tensor(dp_sum([float(nats)], self.par)[0])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        total = float(nats)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss is {total} at step {self.step}; lower --lr or check the data")
+        return {"loss": total / max(n_targets, 1), "bits_per_byte": total / LN2 / max(n_bytes, 1e-9),
+                "lr": lr, "grad_norm": float(grad_norm)}
+
+    def save(self) -> str:
+        state = {"train_config": self.cfg.to_dict(), "data": self.data.sampler.state_dict(),
+                 "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                 "tokenizer": self.data.tokenizer.to_dict()}
+        if self.par is not None:
+            from ..parallel.checkpoint import save_training_checkpoint
+            return save_training_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state,
+                                            self.cfg.keep_last, self.par.layout())
+        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_last)
+
+    def run(self, until: int | None = None) -> dict | None:
+        """Trains to `steps`, evaluating and saving on schedule. Returns the summary (also in summary.json).
+
+        until: stop after this step as if interrupted (no final evaluation; returns None)."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        self._log(f"{self.data.description}\nmodel: {model.param_count():,} non-embedding parameters, "
+                  f"device {self.device}")
+        bar = progress_bar(cfg.steps, self.step, cfg.progress and self.is_main)
+        step_tokens = cfg.batch_size * cfg.seq_len
+        last_eval: dict | None = None
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                dt = time.perf_counter() - t0
+                self.train_seconds += dt
+                self.tokens_seen += step_tokens
+                rec = {"kind": "train", "step": self.step, "tokens": self.tokens_seen,
+                       "tokens_per_s": step_tokens / dt, "elapsed_s": self.train_seconds, **rec}
+                self.metrics.write(rec)
+                bar.update(1)
+                post = {"tok/s": f"{rec['tokens_per_s']:.0f}", "loss": f"{rec['loss']:.3f}",
+                        "bpb": f"{rec['bits_per_byte']:.3f}"}
+                if last_eval:
+                    post["val_bpb"] = f"{last_eval['bits_per_byte']:.3f}"
+                bar.set_postfix(post, refresh=False)
+                final = self.step == cfg.steps
+                if self.step % cfg.resolved_eval_every == 0 and not final:
+                    last_eval = evaluate(model, self.data.held_out(cfg.eval_sequences), self.device)
+                    self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen,
+                                        "split": "held_out_subset", **last_eval})
+                if self.step % cfg.resolved_save_every == 0 or final:
+                    self.save()
+                if self._kill_at_step == self.step:  # test hook: die as abruptly as a power cut
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if until is not None and self.step >= until:
+                    break
+        finally:
+            bar.close()
+        if until is not None and self.step < cfg.steps:
+            self.metrics.close()
+            return None
+        result = evaluate(model, self.data.held_out(None), self.device)
+        self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen, "split": "held_out",
+                            **result})
+        self.metrics.close()
+        summary = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                   "tokens_per_s": self.tokens_seen / max(self.train_seconds, 1e-9),
+                   "held_out": result, "sample": self.sample() if cfg.sample_tokens else None,
+                   "loss_curve": plot_loss_curve(os.path.join(self.out_dir, "metrics.jsonl"),
+                                                 os.path.join(self.out_dir, "loss_curve.png"))
+                   if cfg.plot and self.is_main else None}
+        with open(os.path.join(self.out_dir, "summary.json") if self.is_main else os.devnull, "w") as f:
+            json.dump(summary, f, indent=1)
+        return summary
+
+    @torch.no_grad()
+    def sample(self) -> str:
+        """Text generated from `sample_prompt` (seeded; does not touch the global RNG)."""
+        model = self.model
+        if self.par is not None:  # generation runs on one plain copy, on rank 0
+            from ..parallel.checkpoint import gather_model
+            model = gather_model(self.model)
+            if model is None:
+                return ""
+            model = model.to(self.device)
+        return generate_text(model, self.data.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens,
+                             self.cfg.sample_temperature, self.cfg.seed)
+
+
+def _parallel_context(tp: int, fsdp: bool, device: str):
+    """The distributed context when launched by torchrun or asked for (--tp/--fsdp), else None."""
+    from ..parallel.mesh import launched_by_torchrun
+    if tp == 1 and not fsdp and not launched_by_torchrun():
+        return None
+    from ..parallel import setup_distributed
+    ctx = setup_distributed(tp, device)
+    return ctx if ctx.distributed else None
+
+
+def _is_distributed_checkpoint(path: str) -> bool:
+    from ..parallel.checkpoint import is_distributed_checkpoint
+    return is_distributed_checkpoint(path)
+
+
+@torch.no_grad()
+def generate_text(model: LanguageModel, tok, prompt: str, max_new_tokens: int, temperature: float,
+                  seed: int = 0) -> str:
+    """prompt + continuation as text; the prompt starts with BOS like every training document."""
+    device = next(model.parameters()).device
+    ids = [tok.bos_id] + [int(i) for i in tok.encode(prompt)]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    with autocast(device):
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
+                             generator=gen)
+    model.train(was_training)
+    row = out[0].tolist()[1:]
+    if tok.eos_id in row[len(ids) - 1:]:  # stop at the end of the generated document
+        row = row[:row.index(tok.eos_id, len(ids) - 1)]
+    return tok.decode(row)
