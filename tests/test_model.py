@@ -161,3 +161,4 @@ def test_cache_is_constant_size_for_recurrent_models():
     for _ in range(3):
         _, cache = m(torch.randint(0, 259, (1, 20)), cache=cache)
     assert isinstance(cache, ModelCache) and cache.nbytes() == size
+

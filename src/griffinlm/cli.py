@@ -14,6 +14,7 @@ SUBCOMMANDS = (
     ("griffinlm.cli", "add_info_parser"),
     ("griffinlm.train.cli", "add_train_parser"),
     ("griffinlm.train.cli", "add_eval_parser"),
+    ("griffinlm.evaluate.cli", "add_study_parser"),
     ("griffinlm.inference.cli", "add_generate_parser"),
     ("griffinlm.interop.cli", "add_convert_parser"),
     ("griffinlm.parallel.cli", "add_plan_parser"),

@@ -22,31 +22,68 @@ from .layers import AttentionCache, Positions, RecurrentCache, ResidualBlock, RM
 class ModelCache:
     """Per-block caches plus the position bookkeeping of a batch of streams.
 
+    Every tensor is allocated by `init_cache` and then updated in place, so a decoding step
+    has static shapes and allocates no cache memory.
+
     Attributes:
         blocks: one `RecurrentCache` or `AttentionCache` per residual block.
-        length: tokens already processed (the same for every row; prompts are padded).
+        length: tokens already processed (the same for every row; prompts are left-padded).
         doc_start: (B,) long, absolute position where each row's current document starts.
+        position: (1,) long tensor equal to `length`, which a compiled step reads instead of
+            the python int (so it does not recompile per position); kept in sync by the model.
     """
 
     blocks: list[AttentionCache | RecurrentCache]
     length: int
     doc_start: torch.Tensor
+    position: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.position is None:
+            self.position = torch.tensor([self.length], dtype=torch.long, device=self.doc_start.device)
 
     @property
     def batch_size(self) -> int:
         return self.doc_start.shape[0]
 
+    @property
+    def capacity(self) -> int | None:
+        """Most tokens the cache can hold: the smallest global-attention cache, or None (no limit)."""
+        sizes = [c.slots for c in self.blocks if isinstance(c, AttentionCache) and not c.ring]
+        return min(sizes) if sizes else None
+
+    def check_room(self, new_tokens: int) -> None:
+        """Raises ValueError if `new_tokens` more tokens would overflow a global-attention cache."""
+        cap = self.capacity
+        if cap is not None and self.length + new_tokens > cap:
+            raise ValueError(
+                f"global attention cache holds {cap} positions but the sequence would reach "
+                f"{self.length + new_tokens}; pass a larger max_length to init_cache"
+            )
+
     def reorder(self, index: torch.Tensor) -> "ModelCache":
-        """Select/permute batch rows in place (row i becomes old row index[i]); returns self."""
+        """Select/permute batch rows (row i becomes old row index[i]); returns self.
+
+        With an unchanged batch size the tensors are rewritten in place (same storage)."""
         index = index.to(self.doc_start.device)
         for c in self.blocks:
             c.reorder(index)
-        self.doc_start = self.doc_start.index_select(0, index)
+        doc_start = self.doc_start.index_select(0, index)
+        if doc_start.shape == self.doc_start.shape:
+            self.doc_start.copy_(doc_start)
+        else:
+            self.doc_start = doc_start
         return self
+
+    def clone(self) -> "ModelCache":
+        """An independent copy (e.g. to branch several continuations from one prefix)."""
+        return ModelCache([c.clone() for c in self.blocks], self.length, self.doc_start.clone(),
+                          self.position.clone())
 
     def nbytes(self) -> int:
         """Bytes held by the cache tensors."""
         total = self.doc_start.numel() * self.doc_start.element_size()
+        total += self.position.numel() * self.position.element_size()
         for c in self.blocks:
             for t in vars(c).values():
                 if isinstance(t, torch.Tensor):
@@ -59,7 +96,7 @@ def embed_multiplier(cfg: ModelConfig) -> float:
         return 1.0
     scale = math.sqrt(cfg.width)
     if cfg.embed_scale == "sqrt_bf16":  # RecurrentGemma rounds the normaliser to bfloat16
-        scale = torch.tensor(scale, dtype=torch.bfloat16).item()
+        scale = torch.tensor(scale, dtype=torch.bfloat16, device="cpu").item()  # not meta
     return scale
 
 
@@ -85,7 +122,10 @@ class LanguageModel(nn.Module, GenerationMixin):
     # --- initialisation ----------------------------------------------------------------
     def reset_parameters(self) -> None:
         """LeCun-normal linear layers, output projections scaled down by sqrt(2 * depth) so the
-        residual stream's variance stays O(1); embeddings N(0, 1/width) (x sqrt(width) on input)."""
+        residual stream's variance stays O(1); embeddings N(0, 1/width) (x sqrt(width) on input).
+        With the tied output layer the untrained model predicts the current token back (initial
+        loss ~14 nats, not log V), but measured on the stdlib corpus it learns faster than with
+        smaller embedding rows (std 1/width: 4.14 vs 3.63 bits/byte after 80 steps)."""
         depth = self.config.depth
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -160,6 +200,12 @@ class LanguageModel(nn.Module, GenerationMixin):
         """
         self._check_tokens(tokens, segment_pos, cache)
         B, T = tokens.shape
+        if cache is not None:
+            cache.check_room(T)
+            if T == 1:
+                logits = self._step(tokens, cache, segment_pos, cache.length)
+                cache.length += 1
+                return logits, cache
         offset = 0 if cache is None else cache.length
         pos = Positions.build(B, T, offset, tokens.device,
                               None if segment_pos is None else segment_pos.to(tokens.device).long(),
@@ -179,5 +225,63 @@ class LanguageModel(nn.Module, GenerationMixin):
         if cache is None:
             return logits
         cache.length = offset + T
-        cache.doc_start = pos.doc_start[:, -1].clone()
+        cache.position.fill_(offset + T)
+        cache.doc_start.copy_(pos.doc_start[:, -1])
         return logits, cache
+
+    # --- one-token decoding ----------------------------------------------------------------
+    def _step(self, tokens: torch.Tensor, cache: ModelCache, segment_pos: torch.Tensor | None = None,
+              limit: int | None = None) -> torch.Tensor:
+        """One token per row through the cache: tokens (B, 1) -> logits (B, 1, V).
+
+        Reads positions only from tensors (cache.position, cache.doc_start) and updates every
+        cache tensor in place, so the shapes never change; `limit` (the python position) only
+        lets eager global attention skip empty slots, None attends over all (static shapes).
+        Does not touch the python `cache.length`: callers add 1.
+        """
+        abs_pos = cache.position  # (1,)
+        if segment_pos is None:
+            doc_start = cache.doc_start[:, None]  # (B, 1)
+        else:
+            doc_start = (abs_pos[None] - segment_pos.to(abs_pos.device).long()).clamp(min=0)
+        pos = Positions(abs_pos, abs_pos[None] - doc_start, doc_start, abs_pos[None] == doc_start, True)
+        x = self.embed(tokens) * self.embed_multiplier  # (B, 1, D)
+        for block, block_cache in zip(self.blocks, cache.blocks):
+            x = block(x, pos, block_cache, limit)
+        x = self.final_norm(x)
+        logits = F.linear(x, self.embed.weight)
+        cap = self.config.logits_soft_cap
+        if cap is not None:
+            logits = torch.tanh(logits.float() / cap) * cap
+        cache.position.add_(1)
+        cache.doc_start.copy_(doc_start[:, 0])
+        return logits
+
+    def decode_step(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """The lean decoding step: tokens (B,) or (B, 1) long -> last logits (B, V).
+
+        No input validation beyond the cache's capacity (the generation loop feeds sampled
+        ids). Uses the step compiled by `compile_decode_step` when there is one.
+        """
+        cache.check_room(1)
+        step = self.__dict__.get("_compiled_step")
+        if step is not None:
+            logits = step(tokens.view(-1, 1), cache)
+        else:
+            logits = self._step(tokens.view(-1, 1), cache, None, cache.length)
+        cache.length += 1
+        return logits[:, 0]
+
+    def compile_decode_step(self, enable: bool = True, **compile_kwargs) -> None:
+        """Compile the one-token step with `torch.compile` (static shapes: global attention
+        then attends over all its slots, masked); `mode="reduce-overhead"` adds CUDA graphs on
+        GPU. `enable=False` returns to eager. The first step per batch size compiles."""
+        if not enable:
+            self.__dict__.pop("_compiled_step", None)
+            return
+        compile_kwargs.setdefault("dynamic", False)
+
+        def step(tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+            return self._step(tokens, cache, None, None)
+
+        self.__dict__["_compiled_step"] = torch.compile(step, **compile_kwargs)

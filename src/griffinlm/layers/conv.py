@@ -41,6 +41,8 @@ class Conv1D(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
             return y, None
+        if state is not None and T == 1:
+            return self._step(x, pos, state)
         prev = state.to(x.dtype) if state is not None else x.new_zeros(B, W - 1, C)
         xp = torch.cat([prev, x], dim=1)  # (B, W-1+T, C): xp[:, W-1+t] = x_t
         y = x * self.weight[W - 1].to(x.dtype)
@@ -52,3 +54,18 @@ class Conv1D(nn.Module):
             y = y + self.bias.to(x.dtype)
         new_state = xp[:, -(W - 1):] if state is not None and W > 1 else None
         return y, new_state
+
+    def _step(self, x: torch.Tensor, pos: Positions, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding token: x (B, 1, C), state (B, W-1, C) -> y (B, 1, C), new state (B, W-1, C).
+
+        A handful of ops whatever W (the per-lag loop above costs ~5 ops per lag per layer);
+        `pos.abs_pos` may be a tensor, so a compiled step does not specialise on the position."""
+        W = self.width
+        xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, W, C): xp[:, W-1-j] = x_{t-j}
+        lags = torch.arange(W - 1, -1, -1, device=x.device)  # lag of each row of xp
+        visible = (pos.abs_pos[:, None] - lags[None, :]) >= pos.doc_start  # (B, W)
+        w = self.weight.to(x.dtype)[None] * visible[..., None].to(x.dtype)  # (B, W, C)
+        y = (xp * w).sum(dim=1, keepdim=True)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y, xp[:, 1:]

@@ -31,8 +31,16 @@ class RecurrentCache:
                    torch.zeros(batch, lru_width, device=device, dtype=torch.float32))
 
     def reorder(self, index: torch.Tensor) -> None:
-        self.conv = self.conv.index_select(0, index)
-        self.rnn = self.rnn.index_select(0, index)
+        """Keep/permute batch rows: row i becomes old row index[i] (in place if B is unchanged)."""
+        conv, rnn = self.conv.index_select(0, index), self.rnn.index_select(0, index)
+        if conv.shape == self.conv.shape:
+            self.conv.copy_(conv)
+            self.rnn.copy_(rnn)
+        else:
+            self.conv, self.rnn = conv, rnn
+
+    def clone(self) -> "RecurrentCache":
+        return RecurrentCache(self.conv.clone(), self.rnn.clone())
 
 
 class RecurrentBlock(nn.Module):
