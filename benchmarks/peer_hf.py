@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 

@@ -11,8 +11,6 @@ the rest of the project reads (`griffinlm eval`, generation, interop).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from typing import Any
@@ -23,6 +21,8 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
+
+from ..checkpoint import _sha256, _write_json  # same manifest and fsync'd JSON as single-process
 
 DCP_DIR = "dcp"
 
@@ -100,21 +100,6 @@ def named_optimizer_state(state: dict, param_groups: list[dict], names: list[str
 
 
 # --- training checkpoints (the layout of griffinlm.checkpoint, with DCP shards) ----------------
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_training_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                              trainer_state: dict, keep_last: int, layout: dict) -> str:
     """Writes checkpoint `step` of a distributed run; every rank must call it. Returns its path.
