@@ -129,7 +129,7 @@ def two_ranks(tmp_path_factory):
     train(model, opt, make_batches()[:SAVE_AT])
     save_distributed(os.path.join(out, "ckpt_1rank"), model, opt)
     spawn(_worker, 2, out, LAYOUTS, True)
-    return out, torch.load(os.path.join(out, "results.pt"))
+    return out, torch.load(os.path.join(out, "results.pt"), weights_only=True)
 
 
 def _check_same_as_one_process(result: dict, reference: dict) -> None:
@@ -175,4 +175,4 @@ def test_tp_degree_not_dividing_heads_or_gate_blocks_is_refused(two_ranks):
 
 def test_fsdp_plus_tp_on_a_2x2_mesh(tmp_path, reference):
     spawn(_worker, 4, str(tmp_path), {"fsdp+tp 2x2": (2, True)}, False)
-    _check_same_as_one_process(torch.load(tmp_path / "results.pt")["fsdp+tp 2x2"], reference)
+    _check_same_as_one_process(torch.load(tmp_path / "results.pt", weights_only=True)["fsdp+tp 2x2"], reference)
