@@ -184,6 +184,18 @@ class LanguageModel(nn.Module, GenerationMixin):
             if len(cache.blocks) != len(self.blocks):
                 raise ValueError(f"cache has {len(cache.blocks)} block caches but the model has {len(self.blocks)} blocks")
 
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) scaled embeddings."""
+        return self.embed(tokens) * self.embed_multiplier
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) residual stream -> (B, T, V): final norm, tied output layer, soft-cap."""
+        logits = F.linear(self.final_norm(x), self.embed.weight)
+        cap = self.config.logits_soft_cap
+        if cap is not None:
+            logits = torch.tanh(logits.float() / cap) * cap
+        return logits
+
     def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None, *,
                 segment_pos: torch.Tensor | None = None):
         """Logits for every position.
@@ -210,18 +222,14 @@ class LanguageModel(nn.Module, GenerationMixin):
         pos = Positions.build(B, T, offset, tokens.device,
                               None if segment_pos is None else segment_pos.to(tokens.device).long(),
                               None if cache is None else cache.doc_start)
-        x = self.embed(tokens) * self.embed_multiplier  # (B, T, D)
+        x = self._embed(tokens)  # (B, T, D)
         for i, block in enumerate(self.blocks):
             block_cache = None if cache is None else cache.blocks[i]
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, pos, use_reentrant=False)
             else:
                 x = block(x, pos, block_cache, offset)
-        x = self.final_norm(x)
-        logits = F.linear(x, self.embed.weight)  # (B, T, V), tied output layer
-        cap = self.config.logits_soft_cap
-        if cap is not None:
-            logits = torch.tanh(logits.float() / cap) * cap
+        logits = self._logits(x)
         if cache is None:
             return logits
         cache.length = offset + T
@@ -245,14 +253,10 @@ class LanguageModel(nn.Module, GenerationMixin):
         else:
             doc_start = (abs_pos[None] - segment_pos.to(abs_pos.device).long()).clamp(min=0)
         pos = Positions(abs_pos, abs_pos[None] - doc_start, doc_start, abs_pos[None] == doc_start, True)
-        x = self.embed(tokens) * self.embed_multiplier  # (B, 1, D)
+        x = self._embed(tokens)  # (B, 1, D)
         for block, block_cache in zip(self.blocks, cache.blocks):
             x = block(x, pos, block_cache, limit)
-        x = self.final_norm(x)
-        logits = F.linear(x, self.embed.weight)
-        cap = self.config.logits_soft_cap
-        if cap is not None:
-            logits = torch.tanh(logits.float() / cap) * cap
+        logits = self._logits(x)
         cache.position.add_(1)
         cache.doc_start.copy_(doc_start[:, 0])
         return logits
