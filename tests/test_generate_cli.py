@@ -55,3 +55,20 @@ def test_stream_text_stops_at_eos(checkpoint):
     with torch.no_grad():
         m.embed.weight[tok.eos_id] *= 50  # make EOS the argmax
     assert "".join(stream_text(m, tok, "x", 10)) == ""
+
+
+def test_cli_names_a_damaged_or_mismatched_weights_file(checkpoint, capsys):
+    _, path = checkpoint
+    weights = f"{path}/model.safetensors"
+    good = open(weights, "rb").read()
+    with open(weights, "wb") as f:
+        f.write(good[:1000])  # truncated
+    assert main(["generate", "--checkpoint", path, "--prompt", "a"]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+    cfg = json.loads(open(f"{path}/config.json").read())
+    with open(weights, "wb") as f:
+        f.write(good)
+    with open(f"{path}/config.json", "w") as f:
+        json.dump({**cfg, "depth": cfg["depth"] + 1}, f)  # weights lack the extra block
+    assert main(["generate", "--checkpoint", path, "--prompt", "a"]) == 2
+    assert "missing" in capsys.readouterr().err

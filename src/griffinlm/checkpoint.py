@@ -252,7 +252,12 @@ def check_config(saved: ModelConfig, wanted: ModelConfig, where: str) -> None:
 def load_weights(ckpt: Checkpoint, model: torch.nn.Module) -> None:
     """Loads the verified checkpoint's weights into `model` (whose config must match)."""
     check_config(ckpt.config, model.config, ckpt.path)
-    fp = os.path.join(ckpt.path, "model.safetensors")
+    load_weights_file(os.path.join(ckpt.path, "model.safetensors"), model)
+
+
+def load_weights_file(fp: str, model: torch.nn.Module) -> None:
+    """Loads a model.safetensors file into `model`; CheckpointError names the file when it is
+    unreadable or its tensors do not fit the model."""
     try:
         weights = _safetensors().load_file(fp, device=str(next(model.parameters()).device))
     except Exception as e:

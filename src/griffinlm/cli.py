@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .checkpoint import CheckpointError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, CheckpointError) as e:
         print(f"griffinlm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,14 +8,13 @@ from collections.abc import Iterator
 
 import torch
 
+from ..checkpoint import load_weights_file
 from ..config import ModelConfig
 from ..model import LanguageModel
 
 
 def _read_model_dir(path: str, device: str | torch.device) -> LanguageModel:
     """A model from a directory holding config.json (a ModelConfig) and model.safetensors."""
-    from safetensors.torch import load_file
-
     cfg_path = os.path.join(path, "config.json")
     with open(cfg_path) as f:
         raw = json.load(f)
@@ -25,10 +24,7 @@ def _read_model_dir(path: str, device: str | torch.device) -> LanguageModel:
         raise ValueError(f"{cfg_path} is not a griffinlm ModelConfig ({e}); a RecurrentGemma / transformers "
                          "directory must first be converted with `griffinlm convert`") from None
     model = LanguageModel(config)
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}/model.safetensors does not fit its config: missing {missing}, unexpected {unexpected}")
+    load_weights_file(os.path.join(path, "model.safetensors"), model)
     return model.to(device).eval()
 
 
