@@ -299,10 +299,11 @@ def generate_text(model: LanguageModel, tok, prompt: str, max_new_tokens: int, t
     was_training = model.training
     model.eval()
     with autocast(device):
-        out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
-                             generator=gen)
+        # a list prompt gives back the row cut just after its stop token (no padding)
+        (out,) = model.generate([ids], max_new_tokens, temperature=temperature, generator=gen,
+                                stop_tokens=tok.eos_id)
     model.train(was_training)
-    row = out[0].tolist()[1:]
-    if tok.eos_id in row[len(ids) - 1:]:  # stop at the end of the generated document
-        row = row[:row.index(tok.eos_id, len(ids) - 1)]
+    row = out.tolist()[1:]
+    if row and row[-1] == tok.eos_id and len(row) >= len(ids):  # the generated document ended
+        row = row[:-1]
     return tok.decode(row)
