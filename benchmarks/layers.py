@@ -15,28 +15,17 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
 import torch
 
 from griffinlm.ops import causal_attention, rglru
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from scan import best_time, copy_seconds  # sibling script: the same timer and copy-bandwidth probe
 
 
 def bench_rglru(B: int, T: int, D: int, repeats: int) -> None:
     leaves = [torch.randn(B, T, D, requires_grad=True) for _ in range(3)]
     log_a = (-0.05 * torch.rand(D)).requires_grad_()
     g = torch.randn(B, T, D)
-    src, dst = torch.randn(B, T, D), torch.empty(B, T, D)
     nbytes = B * T * D * 4
     print(f"\n### RG-LRU B={B} T={T} D={D} fp32\n")
     print("| implementation | copy GB/s | fwd ms | fwd % of bound | fwd+bwd ms | fwd+bwd % of bound |")
@@ -50,7 +39,7 @@ def bench_rglru(B: int, T: int, D: int, repeats: int) -> None:
             rglru(*leaves, log_a, impl=impl)[0].backward(g)
 
         reps = repeats if impl == "fused" else max(2, repeats // 3)
-        bw = 2 * nbytes / best_time(lambda: dst.copy_(src), repeats)
+        bw = 2 * nbytes / copy_seconds(B, T, D, repeats)
         tf, tfb = best_time(fwd, reps), best_time(fwd_bwd, reps)
         print(f"| {impl} | {bw / 1e9:.1f} | {tf * 1e3:.1f} | {100 * 4 * nbytes / bw / tf:.0f}% | "
               f"{tfb * 1e3:.1f} | {100 * 12 * nbytes / bw / tfb:.0f}% |")

@@ -1,12 +1,12 @@
 """Linear-scan benchmark: every implementation vs the memory bound measured in the same run.
 
-    python benchmarks/scan.py [--repeats N] [--loop-T 128]
+    python benchmarks/scan.py [--repeats N] [--loop-T 256]
 
 Bound = minimum bytes an implementation must move / bandwidth of a torch tensor copy of
 the same size measured here (copy moves 2 tensors). Forward moves a, x in and h out (3
 tensors); backward reads a, g, h_prev and writes da, dx (5); forward+backward 8.
-Autograd through a Python loop over time (the peers' approach) is measured at a shorter T
-and extrapolated linearly in T (its cost per step does not depend on T).
+Autograd through a Python loop over time (the peers' approach) is measured at loop_T and
+2 * loop_T and extrapolated to T with the fitted power of T (its backward is quadratic).
 """
 from __future__ import annotations
 
