@@ -29,13 +29,13 @@ a shared machine do not inflate; "wall" counts elapsed time.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,9 +46,6 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PATTERNS = {"transformer": ("global_attention",), "hawk": ("recurrent",),
             "griffin": ("recurrent", "recurrent", "attention")}
 # transformers' intermediate_size counts both MLP branches (2 x 1536 = our mlp_hidden 1536).
-HF_CONFIG = dict(num_hidden_layers=6, vocab_size=256, hidden_size=512, intermediate_size=2 * 1536,
-                 num_attention_heads=4, num_key_value_heads=1, lru_width=512, attention_window_size=512,
-                 block_types=["recurrent", "recurrent", "attention"])
 
 
 def model_config(arch: str, args):
@@ -124,22 +121,14 @@ def bench_hf(args, now) -> dict | None:
     import torch
 
     try:
-        from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+        import transformers  # noqa: F401
 
-        from griffinlm.interop import load_recurrentgemma
+        from peer_hf import build  # sibling script: the same configuration and random weights
     except ImportError as e:
         print(f"skipping the transformers comparison: {e}", file=sys.stderr)
         return None
-    torch.manual_seed(0)
-    hf = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(**HF_CONFIG)).eval()
-    with torch.no_grad():  # transformers zero-initialises biases and norm scales: make them count
-        for name, p in hf.named_parameters():
-            if p.dim() < 2 or "recurrent_param" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        ours = load_recurrentgemma(d)
-        compiled = load_recurrentgemma(d) if args.hf_compile else None
+    hf, ours = build(seed=0)
+    compiled = copy.deepcopy(ours) if args.hf_compile else None
     contenders = {"hf": None, "ours": ours}
     if compiled is not None:
         compiled.compile_decode_step()
