@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .decode_cpu import CPUDecoder, cpu_decoder
 from .generate import GenerationMixin
 from .layers import AttentionCache, Positions, RecurrentCache, ResidualBlock, RMSNorm
 
@@ -117,6 +118,8 @@ class LanguageModel(nn.Module, GenerationMixin):
         self.final_norm = RMSNorm(config.width, config.norm_eps, config.norm_unit_offset)
         self.embed_multiplier = embed_multiplier(config)
         self.gradient_checkpointing = False
+        # decode_step's fused numba kernels on CPU (see decode_cpu.py); False forces eager.
+        self.fused_cpu_decode = True
         self.reset_parameters()
 
     # --- initialisation ----------------------------------------------------------------
@@ -271,6 +274,8 @@ class LanguageModel(nn.Module, GenerationMixin):
         step = self.__dict__.get("_compiled_step")
         if step is not None:
             logits = step(tokens.view(-1, 1), cache)
+        elif self.fused_cpu_decode and CPUDecoder.supports(self, cache):
+            logits = cpu_decoder(self).step(tokens, cache)[:, None]
         else:
             logits = self._step(tokens.view(-1, 1), cache, None, cache.length)
         cache.length += 1

@@ -1,0 +1,144 @@
+"""The fused numba decoding step (decode_cpu.py, ops/decode_numba.py) against the eager step."""
+import pytest
+import torch
+
+from griffinlm import LanguageModel, ModelConfig
+from griffinlm.decode_cpu import MAX_BATCH, CPUDecoder
+from griffinlm.ops import scan_numba
+
+pytestmark = pytest.mark.skipif(not scan_numba.available(), reason="numba not installed")
+
+SMALL = dict(width=64, depth=3, num_heads=4, local_window=8, vocab_size=97)
+
+CONFIGS = {
+    "griffin": ModelConfig.preset("griffin-tiny", **SMALL),
+    "hawk": ModelConfig.preset("hawk-tiny", **SMALL),
+    "transformer": ModelConfig.preset("transformer-tiny", **SMALL),
+    # every RecurrentGemma convention at once, plus GQA, biases, narrower blocks
+    "recurrentgemma-like": ModelConfig.preset(
+        "griffin-tiny", **SMALL, window_includes_current=False, norm_unit_offset=True, logits_soft_cap=30.0,
+        rope_fraction=0.5, lru_unscaled_reset=True, attention_qkv_bias=True, attention_out_bias=True,
+        mlp_bias=True, lru_width=96, lru_num_blocks=2, embed_scale="sqrt_bf16"),
+    "interleaved-gqa": ModelConfig.preset("griffin-tiny", **SMALL, rope_pairing="interleaved", num_kv_heads=2,
+                                          recurrent_bias=False, conv_bias=False, conv_width=2),
+}
+for _act in ("glu", "bilinear", "reglu", "swiglu", "relu", "gelu", "swish"):
+    CONFIGS[f"mlp-{_act}"] = ModelConfig.preset("griffin-tiny", **SMALL, mlp_activation=_act, gelu_approximate="none")
+CONFIGS["learnable-beta"] = ModelConfig.preset("griffin-tiny", **SMALL, mlp_activation="swiglu",
+                                               learnable_swish_beta=True)
+
+
+def make_model(cfg: ModelConfig, seed: int = 0) -> LanguageModel:
+    torch.manual_seed(seed)
+    model = LanguageModel(cfg).eval()
+    with torch.no_grad():  # non-trivial norms, biases, Lambda and beta
+        for p in model.parameters():
+            if p.dim() < 2:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def cache_tensors(cache):
+    out = [cache.position, cache.doc_start]
+    for c in cache.blocks:
+        out += [t for t in vars(c).values() if isinstance(t, torch.Tensor)]
+    return out
+
+
+def run_both(model, prompts, seg, steps, max_length=None):
+    """Decode `steps` tokens with the fused and the eager step from the same prefill; returns the
+    largest logit difference relative to the logits' scale, and both caches."""
+    B = prompts.shape[0]
+    caches = [model.init_cache(B, max_length=max_length or prompts.shape[1] + steps + 1) for _ in range(2)]
+    worst = 0.0
+    with torch.no_grad():
+        for c in caches:
+            model(prompts, cache=c, segment_pos=seg)
+        nxt = torch.randint(0, model.config.vocab_size, (B,), generator=torch.Generator().manual_seed(1))
+        for _ in range(steps):
+            model.fused_cpu_decode = True
+            fused = model.decode_step(nxt, caches[0])
+            model.fused_cpu_decode = False
+            eager = model.decode_step(nxt, caches[1])
+            assert fused.shape == eager.shape == (B, model.config.vocab_size)
+            worst = max(worst, ((fused - eager).abs().max() / eager.abs().max()).item())
+            nxt = eager.argmax(-1)
+    model.fused_cpu_decode = True
+    return worst, caches
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fused_step_equals_eager_step(name):
+    cfg = CONFIGS[name]
+    model = make_model(cfg)
+    B, T = 3, 9
+    prompts = torch.randint(0, cfg.vocab_size, (B, T))
+    # row 0 starts a new document mid-prompt, row 1 is left-padded (its document starts at 3)
+    seg = torch.arange(T).repeat(B, 1)
+    seg[0, 5:] = torch.arange(T - 5)
+    seg[1] = (torch.arange(T) - 3).clamp(min=0)
+    seg[1, :3] = 0
+    worst, (c_fused, c_eager) = run_both(model, prompts, seg, steps=14)  # the ring of 8 wraps
+    assert worst < 1e-5, worst
+    assert c_fused.length == c_eager.length
+    for a, b in zip(cache_tensors(c_fused), cache_tensors(c_eager)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_batch_of_one_continuing_document():
+    cfg = CONFIGS["griffin"]
+    model = make_model(cfg, seed=3)
+    worst, _ = run_both(model, torch.randint(0, cfg.vocab_size, (1, 5)), None, steps=20)
+    assert worst < 1e-5
+
+
+def test_global_attention_reads_only_written_slots():
+    """A global cache much longer than the sequence: empty slots must not be attended."""
+    cfg = CONFIGS["transformer"]
+    model = make_model(cfg, seed=4)
+    worst, _ = run_both(model, torch.randint(0, cfg.vocab_size, (2, 3)), None, steps=6, max_length=64)
+    assert worst < 1e-5
+
+
+def test_greedy_generation_identical_to_eager():
+    cfg = CONFIGS["recurrentgemma-like"]
+    model = make_model(cfg, seed=5)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    fused = model.generate(prompts, 24)
+    model.fused_cpu_decode = False
+    eager = model.generate(prompts, 24)
+    for a, b in zip(fused, eager):
+        assert torch.equal(a, b)
+
+
+def test_sees_in_place_weight_updates_and_replaced_parameters():
+    cfg = CONFIGS["griffin"]
+    model = make_model(cfg, seed=6)
+    prompts = torch.randint(0, cfg.vocab_size, (2, 6))
+    run_both(model, prompts, None, steps=2)  # builds the fused views
+    with torch.no_grad():  # an optimizer-like in-place update
+        for p in model.parameters():
+            p.mul_(0.9)
+    worst, _ = run_both(model, prompts, None, steps=4)
+    assert worst < 1e-5
+    model.double().float()  # new parameter storage: the views must be rebuilt
+    worst, _ = run_both(model, prompts, None, steps=4)
+    assert worst < 1e-5
+
+
+def test_falls_back_to_eager_where_it_does_not_apply():
+    cfg = CONFIGS["griffin"]
+    model = make_model(cfg)
+    cache = model.init_cache(1)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2]]), cache=cache)
+        assert CPUDecoder.supports(model, cache)
+        assert not CPUDecoder.supports(model, model.init_cache(MAX_BATCH + 1))
+    assert not CPUDecoder.supports(model, cache)  # autograd on: the eager step keeps the graph
+    logits = model.decode_step(torch.tensor([3]), cache)
+    assert logits.requires_grad
+    with torch.no_grad():
+        model64 = make_model(cfg).double()
+        c64 = model64.init_cache(1)
+        assert not CPUDecoder.supports(model64, c64)
+        assert model64.decode_step(torch.tensor([3]), c64).dtype == torch.float64
