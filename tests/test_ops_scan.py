@@ -163,3 +163,43 @@ def test_dispatch_defaults_and_fallback(monkeypatch):
         linear_scan(x, x, impl="numba")
     with pytest.raises(ValueError):
         linear_scan(x, x, impl="bogus")
+
+
+def test_buffer_pool_reuses_only_buffers_no_tensor_views():
+    from griffinlm.ops.buffer_pool import MIN_BYTES, BufferPool
+
+    pool = BufferPool(max_idle_bytes=MIN_BYTES)
+    shape = (MIN_BYTES // 4 // 1024, 1024)  # exactly MIN_BYTES
+    a = pool.empty(*shape)
+    first = a.data_ptr()
+    view = a[1:]  # a view keeps the storage, so the buffer is still in use
+    del a
+    b = pool.empty(*shape)
+    assert b.data_ptr() != first
+    del view
+    c = pool.empty(*shape)
+    assert c.data_ptr() == first  # idle again: reused, no fresh mapping
+    assert c.shape == shape and c.dtype == torch.float32 and c.is_contiguous()
+    del b, c
+    d = pool.empty(2 * shape[0], 1024)  # another size: idle buffers trimmed to max_idle_bytes
+    assert sum(x.nbytes for x in pool._buffers) == MIN_BYTES + d.numel() * 4
+    small = pool.empty(3, 5)  # below MIN_BYTES: plain torch.empty
+    assert small.shape == (3, 5) and len(pool._buffers) == 2
+
+
+@pytest.mark.skipif("numba" not in available_impls("cpu"), reason="numba not installed")
+def test_numba_scan_outputs_from_the_pool_stay_correct():
+    """Large outputs come from reused buffers: results held from one call must not change
+    when the next call runs, and every call must match the reference."""
+    torch.manual_seed(0)
+    B, T, D = 2, 4096, 1024  # 32 MiB outputs: pooled
+    a, x = torch.rand(B, T, D), torch.randn(B, T, D)
+    h1, _ = linear_scan(a, x, impl="numba")
+    keep = h1.clone()
+    h2, _ = linear_scan(a.flip(1), x, impl="numba")
+    assert h2.data_ptr() != h1.data_ptr()
+    torch.testing.assert_close(h1, keep, rtol=0, atol=0)
+    del h1
+    h3, _ = linear_scan(a, x, impl="numba")
+    ref, _ = linear_scan_reference(a.double(), x.double())
+    torch.testing.assert_close(h3.double(), ref, rtol=1e-4, atol=1e-4)

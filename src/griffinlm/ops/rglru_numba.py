@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import scan_numba
+from .buffer_pool import empty_float32
 
 MAX_SQRT_GRADIENT = 1000.0
 
@@ -168,7 +169,7 @@ class RGLRUNumba(torch.autograd.Function):
     def forward(ctx, x, gate_r, gate_i, log_a, c, reset, h0, unscaled_reset):
         fwd, _ = kernels()
         B, T, D = x.shape
-        h = torch.empty(B, T, D, dtype=torch.float32)
+        h = empty_float32(B, T, D)
         h_last = torch.empty(B, D, dtype=torch.float32)
         reset_np = (reset.contiguous() if reset is not None else torch.zeros(1, 1, dtype=torch.bool)).numpy()
         h0_32 = _f32(h0) if h0 is not None else h_last
@@ -191,7 +192,7 @@ class RGLRUNumba(torch.autograd.Function):
         g = _f32(grad_h) if grad_h is not None else torch.zeros(1, 1, 1)
         reset_np = (reset.contiguous() if reset is not None else torch.zeros(1, 1, dtype=torch.bool)).numpy()
         h0_32 = _f32(h0) if h0 is not None else g_last
-        dx, dgr, dgi = (torch.empty(B, T, D, dtype=torch.float32) for _ in range(3))
+        dx, dgr, dgi = (empty_float32(B, T, D) for _ in range(3))
         dlog_a = torch.zeros(B, D, dtype=torch.float32)
         dh0 = g_last.clone()
         if T > 0:

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from .buffer_pool import empty_float32
+
 # Minimum channels per job: below this the per-step loops are too short to vectorise well.
 _MIN_CHUNK = 128
 
@@ -103,13 +105,16 @@ def kernels():
                 if has_g:
                     gt = g[b, t, d0:d1]
                     for d in range(n):
-                        carry[d] += gt[d]
-                for d in range(n):
-                    c = carry[d]
-                    dxt[d] = c
-                    dat[d] = c * hp[d]
-                for d in range(n):
-                    carry[d] *= at[d]
+                        c = carry[d] + gt[d]
+                        dxt[d] = c
+                        dat[d] = c * hp[d]
+                        carry[d] = c * at[d]
+                else:
+                    for d in range(n):
+                        c = carry[d]
+                        dxt[d] = c
+                        dat[d] = c * hp[d]
+                        carry[d] = c * at[d]
             dh0[b, d0:d1] = carry
 
     return scan_fwd, scan_bwd
@@ -127,7 +132,7 @@ class LinearScanNumba(torch.autograd.Function):
         fwd, _ = kernels()
         B, T, D = x.shape
         a32, x32 = _f32(a), _f32(x)
-        h = torch.empty(B, T, D, dtype=torch.float32)
+        h = empty_float32(B, T, D)
         h_last = torch.empty(B, D, dtype=torch.float32)
         h0_32 = _f32(h0) if h0 is not None else h_last  # dummy when absent
         if T == 0:
@@ -148,8 +153,8 @@ class LinearScanNumba(torch.autograd.Function):
         g_last = _f32(grad_last) if grad_last is not None else torch.zeros(B, D)
         g = _f32(grad_h) if grad_h is not None else torch.zeros(1, 1, 1)  # dummy when absent
         h0_32 = _f32(h0) if h0 is not None else g_last
-        da = torch.empty(B, T, D, dtype=torch.float32)
-        dx = torch.empty(B, T, D, dtype=torch.float32)
+        da = empty_float32(B, T, D)
+        dx = empty_float32(B, T, D)
         dh0 = torch.empty(B, D, dtype=torch.float32)
         if T == 0:
             dh0.copy_(g_last)
