@@ -7,6 +7,8 @@ what the eager `LanguageModel._step` computes, one kernel per block half instead
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -23,7 +25,16 @@ _EMPTY = np.empty(0, np.float32)
 
 
 def _arr(t: torch.Tensor | None) -> np.ndarray:
-    return _EMPTY if t is None else t.detach().numpy()
+    """A numpy view of a contiguous float32 CPU tensor's memory. Not `.numpy()`, which would
+    make the parameter's storage non-resizable for good (FSDP frees parameters by resizing);
+    the decoder keeps the parameters alive and `matches` notices if their storage moves."""
+    if t is None:
+        return _EMPTY
+    t = t.detach()
+    if not t.is_contiguous():
+        raise ValueError("fused CPU decoding needs contiguous parameters")
+    ptr = ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
+    return np.ctypeslib.as_array(ptr, shape=tuple(t.shape))
 
 
 def _norm(norm: RMSNorm) -> tuple:
@@ -109,8 +120,9 @@ class CPUDecoder:
         p = model.embed.weight
         if p.device.type != "cpu" or p.dtype != torch.float32:
             return False
-        if any(q.dtype != torch.float32 or q.device.type != "cpu" for q in model.parameters()):
-            return False
+        if any(q.dtype != torch.float32 or q.device.type != "cpu" or type(q.data) is not torch.Tensor
+               or not q.is_contiguous() for q in model.parameters()):
+            return False  # also DTensor (sharded) parameters
         for c in cache.blocks:
             for t in vars(c).values():
                 if isinstance(t, torch.Tensor) and (t.dtype != torch.float32 or not t.is_contiguous()):

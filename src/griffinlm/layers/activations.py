@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import gated_activation
+
 GATED = ("glu", "bilinear", "reglu", "geglu", "swiglu")
 UNGATED = ("relu", "gelu", "swish")
 
@@ -66,6 +68,13 @@ def make_activation(name: str, gelu_approximate: str = "tanh", learnable_beta: b
     raise ValueError(f"unknown activation {name!r}; expected one of {GATED + UNGATED}")
 
 
+def plain_parameters(*modules: nn.Module) -> bool:
+    """True when every parameter of `modules` is a plain tensor, so their functional form may
+    stand in for calling them (not DTensors of a tensor-parallel plan, which acts through
+    module hooks)."""
+    return all(type(p) in (nn.Parameter, torch.Tensor) for m in modules for p in m.parameters())
+
+
 class GatedMLP(nn.Module):
     """Gated feed-forward block: down_proj(act(gate_proj(x)) * up_proj(x)).
 
@@ -86,8 +95,18 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(width, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, width, bias=bias)
         self.act = make_activation(activation, gelu_approximate, learnable_beta)
+        # act(gate) * up as one fused op where one exists (GeGLU with tanh GeLU, SwiGLU with beta 1)
+        self.fused_kind = ("gelu_tanh" if activation == "geglu" and gelu_approximate == "tanh" else
+                           "silu" if activation == "swiglu" and not learnable_beta else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_kind is not None:
+            if self.gate_proj.bias is not None and plain_parameters(self.gate_proj, self.up_proj):
+                # biases folded into the fused op instead of a broadcast copy inside addmm
+                gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)
+                return self.down_proj(gated_activation(gate, up, self.fused_kind, self.gate_proj.bias,
+                                                       self.up_proj.bias))
+            return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self.fused_kind))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

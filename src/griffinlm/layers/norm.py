@@ -1,8 +1,10 @@
-"""RMSNorm (Zhang & Sennrich 2019), computed in float32."""
+"""RMSNorm (Zhang & Sennrich 2019), computed in float32 (`ops.rms_norm`: one fused op on CPU)."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from ..ops import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -19,10 +21,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        scale = self.weight.float() + 1.0 if self.unit_offset else self.weight.float()
-        return (y * scale).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.unit_offset)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)

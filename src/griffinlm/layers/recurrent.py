@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import gated_activation
+from .activations import plain_parameters
 from .conv import Conv1D
 from .positions import Positions
 from .rglru import RGLRU
@@ -63,11 +65,16 @@ class RecurrentBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: Positions, cache: RecurrentCache | None = None,
                 offset: int = 0) -> torch.Tensor:
-        y = F.gelu(self.linear_y(x), approximate=self.gelu_approximate)  # (B, T, D_rnn)
+        fold = self.gelu_approximate == "tanh" and plain_parameters(self.linear_y)
+        # (B, T, D_rnn) before its GeLU; with `fold` also before its bias (added in the fused op)
+        y = F.linear(x, self.linear_y.weight) if fold else self.linear_y(x)
         u = self.linear_x(x)  # (B, T, D_rnn)
         u, conv_state = self.conv1d(u, pos, None if cache is None else cache.conv)
         h, h_last = self.rg_lru(u, pos.reset, None if cache is None else cache.rnn)
         if cache is not None:
             cache.conv.copy_(conv_state)
             cache.rnn.copy_(h_last)
-        return self.linear_out(h.to(x.dtype) * y)
+        h = h.to(x.dtype)
+        if self.gelu_approximate == "tanh":  # GeLU(y + bias) * h in one pass
+            return self.linear_out(gated_activation(y, h, "gelu_tanh", self.linear_y.bias if fold else None))
+        return self.linear_out(F.gelu(y, approximate=self.gelu_approximate) * h)

@@ -1,11 +1,14 @@
 """Kernels, each with its sequential or dense reference beside it."""
 from .attention_reference import attention_mask, attention_reference
+from .gated_activation import gated_activation, gated_activation_reference
 from .linear_scan import linear_scan
 from .local_attention import causal_attention
+from .rms_norm import rms_norm, rms_norm_reference
 from .rglru import rglru, rglru_gates, rglru_step, sqrt_bounded_grad
 from .scan_reference import linear_scan_reference
 
 __all__ = [
     "linear_scan", "linear_scan_reference", "causal_attention", "attention_reference",
-    "attention_mask", "rglru", "rglru_gates", "rglru_step", "sqrt_bounded_grad",
+    "attention_mask", "gated_activation", "gated_activation_reference", "rms_norm", "rms_norm_reference",
+    "rglru", "rglru_gates", "rglru_step", "sqrt_bounded_grad",
 ]

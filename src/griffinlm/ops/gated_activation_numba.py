@@ -1,0 +1,51 @@
+"""numba kernels of `gated_activation` (see there for the formulas): (N, M) float32 arrays,
+rows in parallel chunks, (M,) biases (zeros when absent: a branch in the loop stops it from
+vectorising, an add of a cached vector costs nothing), the sigmoid through
+`rglru_numba.exp32` (a polynomial LLVM vectorises; numba has no vector libm)."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .rglru_numba import exp32
+
+f32 = np.float32
+K2 = f32(2.0 * 0.7978845608028654)  # 2 sqrt(2 / pi)
+A = f32(0.044715)
+CHUNK_ROWS = 16
+
+
+@njit(fastmath=True, inline="always")
+def _sig_arg(g, code):
+    """The argument z of sigmoid(z) in act(g) = g * sigmoid(z), and dz/dg."""
+    if code == 0:
+        return K2 * (g + A * g * g * g), K2 * (f32(1.0) + f32(3.0) * A * g * g)
+    return g, f32(1.0)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def forward(g, u, bg, bu, out, code):
+    """out = act(g + bg) * (u + bu)."""
+    N, M = g.shape
+    for c in prange((N + CHUNK_ROWS - 1) // CHUNK_ROWS):
+        for r in range(c * CHUNK_ROWS, min(N, (c + 1) * CHUNK_ROWS)):
+            for m in range(M):
+                x = g[r, m] + bg[m]
+                v = u[r, m] + bu[m]
+                z, _ = _sig_arg(x, code)
+                out[r, m] = x * v / (f32(1.0) + exp32(-z))
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def backward(g, u, bg, bu, dh, dg, du, code):
+    """du = dh act(x); dg = dh v act'(x), act'(x) = s + x s (1 - s) dz/dx (x = g + bg, v = u + bu)."""
+    N, M = g.shape
+    for c in prange((N + CHUNK_ROWS - 1) // CHUNK_ROWS):
+        for r in range(c * CHUNK_ROWS, min(N, (c + 1) * CHUNK_ROWS)):
+            for m in range(M):
+                x = g[r, m] + bg[m]
+                v = u[r, m] + bu[m]
+                z, dz = _sig_arg(x, code)
+                s = f32(1.0) / (f32(1.0) + exp32(-z))
+                du[r, m] = dh[r, m] * x * s
+                dg[r, m] = dh[r, m] * v * (s + x * s * (f32(1.0) - s) * dz)
