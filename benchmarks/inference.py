@@ -86,6 +86,7 @@ def bench_arch(arch: str, args, now) -> list[dict]:
         for _ in range(3):
             model.decode_step(torch.tensor([1]), warm)
         for B in args.batches:
+            caches, toks, prefills = {}, {}, {}
             for L in args.lengths:
                 cache = model.init_cache(B, max_length=L + args.warmup + args.steps)
                 prefill = None
@@ -100,19 +101,24 @@ def bench_arch(arch: str, args, now) -> list[dict]:
                     tok = torch.randint(0, 256, (B,), generator=gen)
                 for _ in range(args.warmup):
                     tok = model.decode_step(tok, cache).argmax(-1)
-                times = []
-                for _ in range(args.steps):
+                caches[L], toks[L], prefills[L] = cache, tok, prefill
+            # Steps interleaved across the lengths (one step at each length in turn), so that every
+            # length sees the same machine: on a shared host the speed drifts by tens of percent.
+            times = {L: [] for L in args.lengths}
+            for _ in range(args.steps):
+                for L in args.lengths:
                     t0 = now()
-                    tok = model.decode_step(tok, cache).argmax(-1)
-                    times.append(now() - t0)
-                times.sort()
-                row = dict(arch=arch, batch=B, length=L, prefill_tok_s=prefill,
-                           decode_tok_s=B / statistics.fmean(times), latency_ms_median=1e3 * statistics.median(times),
-                           latency_ms_p90=1e3 * times[min(len(times) - 1, int(0.9 * len(times)))],
-                           cache_bytes=cache.nbytes(), real_prefill=prefill is not None)
+                    toks[L] = model.decode_step(toks[L], caches[L]).argmax(-1)
+                    times[L].append(now() - t0)
+            for L in args.lengths:
+                ts = sorted(times[L])
+                row = dict(arch=arch, batch=B, length=L, prefill_tok_s=prefills[L],
+                           decode_tok_s=B / statistics.fmean(ts), latency_ms_median=1e3 * statistics.median(ts),
+                           latency_ms_p90=1e3 * ts[min(len(ts) - 1, int(0.9 * len(ts)))],
+                           cache_bytes=caches[L].nbytes(), real_prefill=prefills[L] is not None)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                del cache
+            del caches
     return rows
 
 
@@ -277,7 +283,7 @@ def markdown(results: dict, long: dict | None) -> str:
              f"Models: {results['model']}; non-embedding parameters "
              + ", ".join(f"{a} {n / 1e6:.2f}M" for a, n in results["params"].items())
              + f". Decode: {results['steps']} timed one-token steps (after {results['warmup']} warm-up steps) from a "
-             "cache at the given length. Prefill: one call on B x L random tokens where B x L <= "
+             "cache at the given length, the lengths' steps interleaved. Prefill: one call on B x L random tokens where B x L <= "
              f"{results['prefill_max_tokens']:,}; beyond that (—) the cache was filled synthetically to length L "
              "(random contents; a step's work depends only on the length).", "",
              "| arch | batch | length | prefill tok/s | decode tok/s | latency median (ms) | latency p90 (ms) | cache MiB |",

@@ -124,6 +124,12 @@ def test_sees_in_place_weight_updates_and_replaced_parameters():
     model.double().float()  # new parameter storage: the views must be rebuilt
     worst, _ = run_both(model, prompts, None, steps=4)
     assert worst < 1e-5
+    # a replaced submodule and a replaced Parameter object are noticed too
+    old_up = model.blocks[0].mlp.up_proj
+    model.blocks[0].mlp.up_proj = torch.nn.Linear(old_up.in_features, old_up.out_features, bias=False)
+    model.blocks[1].mlp_norm.weight = torch.nn.Parameter(torch.rand(cfg.width) + 0.5)
+    worst, _ = run_both(model, prompts, None, steps=4)
+    assert worst < 1e-5
 
 
 def test_falls_back_to_eager_where_it_does_not_apply():

@@ -274,8 +274,8 @@ class LanguageModel(nn.Module, GenerationMixin):
         step = self.__dict__.get("_compiled_step")
         if step is not None:
             logits = step(tokens.view(-1, 1), cache)
-        elif self.fused_cpu_decode and CPUDecoder.supports(self, cache):
-            logits = cpu_decoder(self).step(tokens, cache)[:, None]
+        elif self.fused_cpu_decode and CPUDecoder.usable_with(cache) and (dec := cpu_decoder(self)) is not None:
+            logits = dec.step(tokens, cache)[:, None]
         else:
             logits = self._step(tokens.view(-1, 1), cache, None, cache.length)
         cache.length += 1
