@@ -257,6 +257,7 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_
         b = job // num_heads
         hh = job % num_heads
         g = hh // rep
+        qh = q[b, hh * hd:(hh + 1) * hd]
         scores = np.empty(visible, f32)
         best = f32(-np.inf)
         for s in range(visible):
@@ -264,9 +265,10 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_
             if pos < doc_start[b] or pos > abs_pos:  # also the -1 of a ring slot not written yet
                 scores[s] = -np.inf
                 continue
+            ks = k_cache[b, g, s]
             acc = f32(0.0)
             for d in range(hd):
-                acc += q[b, hh * hd + d] * k_cache[b, g, s, d]
+                acc += qh[d] * ks[d]
             scores[s] = acc * scale
             best = max(best, scores[s])
         total = f32(0.0)
@@ -274,13 +276,16 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_
             e = f32(math.exp(scores[s] - best)) if scores[s] > -np.inf else f32(0.0)
             scores[s] = e
             total += e
-        for d in range(hd):
-            out[b, hh * hd + d] = 0.0
+        # Accumulate in a local vector: stores into `out` inside the loop would not vectorise
+        # (numba cannot rule out that out and v_cache overlap).
+        acc_v = np.zeros(hd, f32)
         for s in range(visible):
             p = scores[s] / total
-            if p != 0.0:
-                for d in range(hd):
-                    out[b, hh * hd + d] += p * v_cache[b, g, s, d]
+            vs = v_cache[b, g, s]
+            for d in range(hd):
+                acc_v[d] += p * vs[d]
+        for d in range(hd):
+            out[b, hh * hd + d] = acc_v[d]
     for c in prange(parts):
         lo, hi = _chunk(w_o.shape[0], parts, c)
         _linear_rows(out, w_o, b_o, x, True, lo, hi)
