@@ -271,7 +271,9 @@ model's 77 MB of fp32 weights once: eager PyTorch's one-row `addmm` uses one cor
 ~100 small ops per block cost more in dispatch than in arithmetic, which is why eager steps (ours with torch ops
 only, and `transformers`') run at about the same speed. At batch 16 the step is bound by matmul arithmetic:
 both implementations run PyTorch's GEMMs and are level; the fused kernels stop at batch 8, where they were still
-1.4x faster than the torch-ops step (equal at 16)."""
+1.4x faster than the torch-ops step (equal at 16). The batch-1 ratio moves with the shared host's speed: five
+full runs on 2026-11-29 gave 2.4x (before the per-token overhead of the fused path was cut from ~0.9 to ~0.45 ms),
+then 3.2x, 4.0x, 5.5x and 3.5x; `benchmarks/peer_hf.py` measured 3.7x and 3.8x."""
 
 
 def markdown(results: dict, long: dict | None) -> str:

@@ -23,6 +23,14 @@ def _sig_arg(g, code):
     return g, f32(1.0)
 
 
+@njit(fastmath=True, inline="always")
+def _point(g, u, bg, bu, r, m, code):
+    """(x, v, s, dz/dx) at [r, m]: x = g + bg, v = u + bu, s = sigmoid(z(x))."""
+    x = g[r, m] + bg[m]
+    z, dz = _sig_arg(x, code)
+    return x, u[r, m] + bu[m], f32(1.0) / (f32(1.0) + exp32(-z)), dz
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def forward(g, u, bg, bu, out, code):
     """out = act(g + bg) * (u + bu)."""
@@ -30,10 +38,8 @@ def forward(g, u, bg, bu, out, code):
     for c in prange((N + CHUNK_ROWS - 1) // CHUNK_ROWS):
         for r in range(c * CHUNK_ROWS, min(N, (c + 1) * CHUNK_ROWS)):
             for m in range(M):
-                x = g[r, m] + bg[m]
-                v = u[r, m] + bu[m]
-                z, _ = _sig_arg(x, code)
-                out[r, m] = x * v / (f32(1.0) + exp32(-z))
+                x, v, s, _ = _point(g, u, bg, bu, r, m, code)
+                out[r, m] = x * v * s
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -43,9 +49,6 @@ def backward(g, u, bg, bu, dh, dg, du, code):
     for c in prange((N + CHUNK_ROWS - 1) // CHUNK_ROWS):
         for r in range(c * CHUNK_ROWS, min(N, (c + 1) * CHUNK_ROWS)):
             for m in range(M):
-                x = g[r, m] + bg[m]
-                v = u[r, m] + bu[m]
-                z, dz = _sig_arg(x, code)
-                s = f32(1.0) / (f32(1.0) + exp32(-z))
+                x, v, s, dz = _point(g, u, bg, bu, r, m, code)
                 du[r, m] = dh[r, m] * x * s
                 dg[r, m] = dh[r, m] * v * (s + x * s * (f32(1.0) - s) * dz)
