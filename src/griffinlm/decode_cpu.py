@@ -68,16 +68,18 @@ class CPUDecoder:
         import numba
 
         self.numba = numba
-        self.params = [p for p in model.parameters()]
-        self.ptrs = [p.data_ptr() for p in self.params]
+        # Parameters and buffers (RoPE frequencies) viewed by the kernels: held here so that
+        # their memory lives as long as the views, and checked by `matches`.
+        self.tensors = list(model.parameters()) + list(model.buffers())
+        self.ptrs = [t.data_ptr() for t in self.tensors]
         # Every (container, key, object) of the module tree, so that `matches` can tell cheaply
-        # that no parameter or submodule was replaced (walking model.parameters() per token
-        # cost ~0.15 ms, a twentieth of a step).
-        self.slots = [(d, key, obj) for m in model.modules() for d in (m._modules, m._parameters)
+        # that no submodule, parameter or buffer was replaced (walking model.parameters() per
+        # token cost ~0.15 ms, a twentieth of a step).
+        self.slots = [(d, key, obj) for m in model.modules() for d in (m._modules, m._parameters, m._buffers)
                       for key, obj in d.items()]
         self.eligible = scan_numba.available() and all(
-            p.dtype == torch.float32 and p.device.type == "cpu" and type(p.data) is torch.Tensor
-            and p.is_contiguous() for p in self.params)  # not DTensor (sharded) parameters
+            t.dtype == torch.float32 and t.device.type == "cpu" and type(t.data) is torch.Tensor
+            and t.is_contiguous() for t in self.tensors)  # not DTensor (sharded) parameters
         if not self.eligible:
             return
         from .ops import decode_numba
@@ -117,10 +119,10 @@ class CPUDecoder:
             self.blocks.append((isinstance(t, RecurrentBlock), temporal, mlp, beta, swish))
 
     def matches(self, model: nn.Module) -> bool:
-        """True while the model's modules and parameters (objects and storage) are the ones these
-        views were made from."""
+        """True while the model's modules, parameters and buffers (objects and storage) are the
+        ones these views were made from."""
         return (all(d.get(key) is obj for d, key, obj in self.slots)
-                and all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs)))
+                and all(t.data_ptr() == ptr for t, ptr in zip(self.tensors, self.ptrs)))
 
     @staticmethod
     def usable_with(cache) -> bool:
