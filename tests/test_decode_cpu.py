@@ -6,7 +6,7 @@ from griffinlm import LanguageModel, ModelConfig
 from griffinlm.decode_cpu import MAX_BATCH, CPUDecoder
 from griffinlm.ops import scan_numba
 
-pytestmark = pytest.mark.skipif(not scan_numba.available(), reason="numba not installed")
+needs_numba = pytest.mark.skipif(not scan_numba.available(), reason="numba not installed")
 
 SMALL = dict(width=64, depth=3, num_heads=4, local_window=8, vocab_size=97)
 
@@ -67,6 +67,7 @@ def run_both(model, prompts, seg, steps, max_length=None):
     return worst, caches
 
 
+@needs_numba
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fused_step_equals_eager_step(name):
     cfg = CONFIGS[name]
@@ -85,6 +86,7 @@ def test_fused_step_equals_eager_step(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@needs_numba
 def test_fused_step_batch_of_one_continuing_document():
     cfg = CONFIGS["griffin"]
     model = make_model(cfg, seed=3)
@@ -92,6 +94,7 @@ def test_fused_step_batch_of_one_continuing_document():
     assert worst < 1e-5
 
 
+@needs_numba
 def test_global_attention_reads_only_written_slots():
     """A global cache much longer than the sequence: empty slots must not be attended."""
     cfg = CONFIGS["transformer"]
@@ -100,6 +103,7 @@ def test_global_attention_reads_only_written_slots():
     assert worst < 1e-5
 
 
+@needs_numba
 def test_greedy_generation_identical_to_eager():
     cfg = CONFIGS["recurrentgemma-like"]
     model = make_model(cfg, seed=5)
@@ -111,6 +115,7 @@ def test_greedy_generation_identical_to_eager():
         assert torch.equal(a, b)
 
 
+@needs_numba
 def test_sees_in_place_weight_updates_and_replaced_parameters():
     cfg = CONFIGS["griffin"]
     model = make_model(cfg, seed=6)
@@ -132,6 +137,7 @@ def test_sees_in_place_weight_updates_and_replaced_parameters():
     assert worst < 1e-5
 
 
+@needs_numba
 def test_falls_back_to_eager_where_it_does_not_apply():
     cfg = CONFIGS["griffin"]
     model = make_model(cfg)
@@ -148,3 +154,26 @@ def test_falls_back_to_eager_where_it_does_not_apply():
         c64 = model64.init_cache(1)
         assert not CPUDecoder.supports(model64, c64)
         assert model64.decode_step(torch.tensor([3]), c64).dtype == torch.float64
+
+
+def test_without_numba_decoding_and_fused_ops_use_torch(monkeypatch):
+    """numba is optional (the `fast` extra): nothing may import it when it is unavailable."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_numba(name, *args, **kwargs):
+        if name == "numba" or name.startswith("numba."):
+            raise ModuleNotFoundError("No module named 'numba'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(scan_numba, "available", lambda: False)
+    monkeypatch.setattr(builtins, "__import__", no_numba)
+    cfg = CONFIGS["griffin"]
+    model = make_model(cfg, seed=7)
+    prompts = torch.randint(0, cfg.vocab_size, (2, 6))
+    out = model.generate(prompts, 8)  # decode_step -> eager; norms and GeGLU -> torch compositions
+    assert out.shape == (2, 14)
+    assert model.__dict__["_cpu_decoder"].eligible is False
+    loss = model(prompts).logsumexp(-1).mean()
+    loss.backward()  # training path without numba

@@ -65,9 +65,6 @@ class CPUDecoder:
     `load_state_dict`) are seen; `matches` notices when parameters were replaced (`.to()`)."""
 
     def __init__(self, model: nn.Module) -> None:
-        import numba
-
-        self.numba = numba
         # Parameters and buffers (RoPE frequencies) viewed by the kernels: held here so that
         # their memory lives as long as the views, and checked by `matches`.
         self.tensors = list(model.parameters()) + list(model.buffers())
@@ -81,9 +78,12 @@ class CPUDecoder:
             t.dtype == torch.float32 and t.device.type == "cpu" and type(t.data) is torch.Tensor
             and t.is_contiguous() for t in self.tensors)  # not DTensor (sharded) parameters
         if not self.eligible:
-            return
+            return  # numba is imported only past this point: it is an optional dependency
+        import numba
+
         from .ops import decode_numba
 
+        self.numba = numba
         self.k = decode_numba
         cfg = model.config
         self.embedding = _arr(model.embed.weight)
