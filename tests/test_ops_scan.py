@@ -185,6 +185,8 @@ def test_buffer_pool_reuses_only_buffers_no_tensor_views():
     assert sum(x.nbytes for x in pool._buffers) == MIN_BYTES + d.numel() * 4
     small = pool.empty(3, 5)  # below MIN_BYTES: plain torch.empty
     assert small.shape == (3, 5) and len(pool._buffers) == 2
+    pool.clear()  # forgets every buffer; d keeps its memory
+    assert pool._buffers == [] and d.shape == (2 * shape[0], 1024)
 
 
 @pytest.mark.skipif("numba" not in available_impls("cpu"), reason="numba not installed")

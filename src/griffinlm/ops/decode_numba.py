@@ -23,6 +23,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .rms_norm_numba import norm_row
+
 ACTIVATIONS = {"identity": 0, "sigmoid": 1, "relu": 2, "gelu_tanh": 3, "gelu": 4, "swish": 5}
 
 # reassoc lets LLVM split each dot product over several vector accumulators.
@@ -61,19 +63,22 @@ def _chunk(size, parts, c):
     return lo, min(size, lo + step)
 
 
+@njit(fastmath=FM, inline="always")
+def _affine(w, bias, n, x, b):
+    """w[n, :] . x[b, :] + bias[n] (no bias when it is empty)."""
+    v = _dot(w, n, x, b)
+    if bias.shape[0] > 0:
+        v += bias[n]
+    return v
+
+
 @njit(fastmath=FM, cache=True)
 def rms_norm(x, weight, unit_offset, eps):
-    """(B, D) -> (B, D): x * rsqrt(mean(x^2) + eps) * (weight or 1 + weight)."""
-    B, D = x.shape
-    out = np.empty((B, D), f32)
-    for b in range(B):
-        ss = f32(0.0)
-        for d in range(D):
-            ss += x[b, d] * x[b, d]
-        inv = f32(1.0) / math.sqrt(ss / D + eps)
-        for d in range(D):
-            scale = weight[d] + f32(1.0) if unit_offset else weight[d]
-            out[b, d] = x[b, d] * inv * scale
+    """(B, D) -> (B, D): x * rsqrt(mean(x^2) + eps) * (weight or 1 + weight), row by row (a
+    decoding step has a few rows: no threads)."""
+    out = np.empty_like(x)
+    for b in range(x.shape[0]):
+        norm_row(x, b, weight, eps, unit_offset, out)
     return out
 
 
@@ -82,21 +87,11 @@ def _linear_rows(x, w, bias, out, accumulate, lo, hi):
     """Rows lo..hi of out (B, N) = x (B, K) @ w (N, K)^T + bias (or out += that)."""
     for n in range(lo, hi):
         for b in range(x.shape[0]):
-            v = _dot(w, n, x, b)
-            if bias.shape[0] > 0:
-                v += bias[n]
+            v = _affine(w, bias, n, x, b)
             if accumulate:
                 out[b, n] += v
             else:
                 out[b, n] = v
-
-
-@njit(parallel=True, fastmath=FM, cache=True)
-def linear(x, w, bias, out, accumulate, parts):
-    """out (B, N) = x (B, K) @ w (N, K)^T + bias, or out += that when `accumulate`."""
-    for c in prange(parts):
-        lo, hi = _chunk(w.shape[0], parts, c)
-        _linear_rows(x, w, bias, out, accumulate, lo, hi)
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
@@ -112,14 +107,9 @@ def mlp_step(x, norm_w, unit_offset, eps, w_gate, b_gate, w_up, b_up, w_down, b_
         lo, hi = _chunk(M, parts, c)
         for m in range(lo, hi):
             for b in range(B):
-                u = _dot(w_up, m, n, b)
-                if b_up.shape[0] > 0:
-                    u += b_up[m]
+                u = _affine(w_up, b_up, m, n, b)
                 if gated:
-                    g = _dot(w_gate, m, n, b)
-                    if b_gate.shape[0] > 0:
-                        g += b_gate[m]
-                    hid[b, m] = _act(g, act, beta) * u
+                    hid[b, m] = _act(_affine(w_gate, b_gate, m, n, b), act, beta) * u
                 else:
                     hid[b, m] = _act(u, act, beta)
     for c in prange(parts):
@@ -145,14 +135,8 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv
         lo, hi = _chunk(R, parts, ch)
         for r in range(lo, hi):
             for b in range(B):
-                vy = _dot(w_y, r, n, b)
-                vx = _dot(w_x, r, n, b)
-                if b_y.shape[0] > 0:
-                    vy += b_y[r]
-                if b_x.shape[0] > 0:
-                    vx += b_x[r]
-                y[b, r] = _act(vy, gelu_code, f32(1.0))
-                u[b, r] = vx
+                y[b, r] = _act(_affine(w_y, b_y, r, n, b), gelu_code, f32(1.0))
+                u[b, r] = _affine(w_x, b_x, r, n, b)
     # Causal depthwise conv over [state, u]: lag W-1-j of row j is visible within the document.
     xc = np.empty((B, R), f32)
     for b in range(B):

@@ -12,19 +12,26 @@ CHUNK_ROWS = 64
 f32 = np.float32
 
 
+@njit(fastmath=True, inline="always")
+def norm_row(x, r, weight, eps, unit_offset, y):
+    """y[r] = RMSNorm of x[r]; returns the inverse RMS. Also the fused decoding step's norm."""
+    D = x.shape[1]
+    ss = f32(0.0)
+    for d in range(D):
+        ss += x[r, d] * x[r, d]
+    v = f32(1.0) / f32(math.sqrt(ss / D + eps))
+    for d in range(D):
+        s = weight[d] + f32(1.0) if unit_offset else weight[d]
+        y[r, d] = x[r, d] * v * s
+    return v
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def forward(x, weight, eps, unit_offset, y, inv):
-    N, D = x.shape
+    N = x.shape[0]
     for c in prange((N + CHUNK_ROWS - 1) // CHUNK_ROWS):
         for r in range(c * CHUNK_ROWS, min(N, (c + 1) * CHUNK_ROWS)):
-            ss = f32(0.0)
-            for d in range(D):
-                ss += x[r, d] * x[r, d]
-            v = f32(1.0) / f32(math.sqrt(ss / D + eps))
-            inv[r] = v
-            for d in range(D):
-                s = weight[d] + f32(1.0) if unit_offset else weight[d]
-                y[r, d] = x[r, d] * v * s
+            inv[r] = norm_row(x, r, weight, eps, unit_offset, y)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
