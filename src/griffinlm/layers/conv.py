@@ -11,8 +11,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..ops.causal_conv1d import causal_conv1d
 from .positions import Positions
 
 
@@ -34,25 +34,14 @@ class Conv1D(nn.Module):
         """x: (B, T, C); state: optional (B, W-1, C) previous inputs. Returns y and the new state."""
         B, T, C = x.shape
         W = self.width
-        if state is None and not pos.packed:
-            # One fused call when nothing is masked: conv1d with left zero padding.
-            w = self.weight.t()[:, None, :].to(x.dtype)  # (C, 1, W); conv1d correlates, so w[..., W-1] hits x_t
-            y = F.conv1d(F.pad(x.transpose(1, 2), (W - 1, 0)), w, groups=C).transpose(1, 2)
-            if self.bias is not None:
-                y = y + self.bias.to(x.dtype)
-            return y, None
         if state is not None and T == 1:
             return self._step(x, pos, state)
-        prev = state.to(x.dtype) if state is not None else x.new_zeros(B, W - 1, C)
-        xp = torch.cat([prev, x], dim=1)  # (B, W-1+T, C): xp[:, W-1+t] = x_t
-        y = x * self.weight[W - 1].to(x.dtype)
-        for j in range(1, W):
-            lagged = xp[:, W - 1 - j : W - 1 - j + T]  # x_{t-j}
-            visible = (pos.abs_pos[None, :] - j) >= pos.doc_start  # (B, T): x_{t-j} in t's document
-            y = y + lagged * visible[..., None].to(x.dtype) * self.weight[W - 1 - j].to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        new_state = xp[:, -(W - 1):] if state is not None and W > 1 else None
+        lags = pos.abs_pos[None] - pos.doc_start if pos.packed else None  # (B, T) inputs each token sees
+        y = causal_conv1d(x, self.weight, self.bias, lags, state)
+        if state is None:
+            return y, None
+        # the last W-1 inputs, reaching into the old state when the chunk is shorter
+        new_state = torch.cat([state.to(x.dtype), x], dim=1)[:, T:] if T < W - 1 else x[:, T - (W - 1):]
         return y, new_state
 
     def _step(self, x: torch.Tensor, pos: Positions, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import rglru, rglru_step
+from ..ops import block_diagonal_linear, rglru, rglru_step
 
 
 def lambda_init(width: int, init: str, min_rad: float = 0.9, max_rad: float = 0.999, c: float = 8.0) -> torch.Tensor:
@@ -62,10 +62,9 @@ class RGLRU(nn.Module):
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block-diagonal gate logits (..., D) for the recurrence and input gates."""
-        xb = x.unflatten(-1, (self.num_blocks, -1))  # (..., H, bw)
-        r = torch.einsum("...hi,hij->...hj", xb, self.gate_r_weight.to(x.dtype)) + self.gate_r_bias.to(x.dtype)
-        i = torch.einsum("...hi,hij->...hj", xb, self.gate_i_weight.to(x.dtype)) + self.gate_i_bias.to(x.dtype)
-        return r.flatten(-2), i.flatten(-2)
+        r, i = block_diagonal_linear(x, [self.gate_r_weight, self.gate_i_weight],
+                                     [self.gate_r_bias, self.gate_i_bias])
+        return r, i
 
     def log_a(self) -> torch.Tensor:
         """(D,) log sigmoid(Lambda) = -softplus(-Lambda), in float32."""

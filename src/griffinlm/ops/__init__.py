@@ -1,5 +1,7 @@
 """Kernels, each with its sequential or dense reference beside it."""
 from .attention_reference import attention_mask, attention_reference
+from .block_diagonal import block_diagonal_linear, block_diagonal_linear_reference
+from .causal_conv1d import causal_conv1d, causal_conv1d_reference
 from .gated_activation import gated_activation, gated_activation_reference
 from .linear_scan import linear_scan
 from .local_attention import causal_attention
@@ -9,6 +11,6 @@ from .scan_reference import linear_scan_reference
 
 __all__ = [
     "linear_scan", "linear_scan_reference", "causal_attention", "attention_reference",
-    "attention_mask", "gated_activation", "gated_activation_reference", "rms_norm", "rms_norm_reference",
+    "attention_mask", "block_diagonal_linear", "block_diagonal_linear_reference", "causal_conv1d", "causal_conv1d_reference", "gated_activation", "gated_activation_reference", "rms_norm", "rms_norm_reference",
     "rglru", "rglru_gates", "rglru_step", "sqrt_bounded_grad",
 ]

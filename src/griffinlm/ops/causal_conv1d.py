@@ -1,0 +1,117 @@
+"""Causal depthwise convolution over time, in the (B, T, C) layout the recurrent block uses.
+
+    y_t = bias + sum_{j=0}^{min(W-1, lags_t)} weight[W-1-j] * x_{t-j}
+
+`weight` is time-major (W, C): weight[W-1] multiplies the current token. `lags` (B, T) is how
+many past inputs each token may see (its position in its document; None: all of them), and
+inputs before the chunk come from `state` (B, W-1, C) (None: zeros).
+
+On CPU in float32 (with numba) one kernel does the forward and one the backward, in place in
+the (B, T, C) layout; torch's conv1d wants (B, C, T), and the two transposes around it cost
+four times the convolution. Elsewhere: conv1d when nothing is masked, else the lag loop
+`causal_conv1d_reference` (any dtype and device; the tests' float64 reference).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import scan_numba
+
+
+def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                            lags: torch.Tensor | None = None, state: torch.Tensor | None = None) -> torch.Tensor:
+    """The convolution with one masked multiply-add per lag (torch ops, differentiable)."""
+    B, T, C = x.shape
+    W = weight.shape[0]
+    prev = state.to(x.dtype) if state is not None else x.new_zeros(B, W - 1, C)
+    xp = torch.cat([prev, x], dim=1)  # (B, W-1+T, C): xp[:, W-1+t] = x_t
+    y = x * weight[W - 1].to(x.dtype)
+    for j in range(1, W):
+        lagged = xp[:, W - 1 - j : W - 1 - j + T]  # x_{t-j}
+        if lags is not None:
+            lagged = lagged * (lags >= j)[..., None].to(x.dtype)
+        y = y + lagged * weight[W - 1 - j].to(x.dtype)
+    return y + bias.to(x.dtype) if bias is not None else y
+
+
+def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None) -> bool:
+    """Whether the numba kernels apply: float32 CPU plain tensors, numba present, no gradient
+    wanted for `state`, and not inside torch.compile (which fuses the composition itself)."""
+    if torch.compiler.is_compiling() or not scan_numba.available():
+        return False
+    tensors = [t for t in (x, weight, bias, state) if t is not None]
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return False  # DTensors (tensor parallelism) take the torch path
+    if state is not None and state.requires_grad:
+        return False
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and x.shape[1] > 0
+
+
+def _lags_np(lags: torch.Tensor | None, B: int, T: int):
+    if lags is None:
+        return torch.zeros(1, 1, dtype=torch.int64).numpy(), False
+    return lags.to(torch.int64).expand(B, T).contiguous().numpy(), True
+
+
+class _CausalConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lags, state):
+        from .causal_conv1d_numba import forward
+
+        B, T, C = x.shape
+        x = x.contiguous()
+        # copies, not views: .numpy() would make a parameter's storage non-resizable (FSDP)
+        w = weight.detach().clone()
+        b = bias.detach().clone() if bias is not None else torch.zeros(C)
+        st = state.contiguous() if state is not None else torch.zeros(1, 1, 1)
+        lags_np, has_lags = _lags_np(lags, B, T)
+        y = torch.empty_like(x)
+        forward(x.numpy(), st.numpy(), state is not None, w.numpy(), b.numpy(), lags_np, has_lags, y.numpy())
+        ctx.save_for_backward(x, w, st)
+        ctx.lags, ctx.has_state, ctx.has_bias = lags_np if has_lags else None, state is not None, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .causal_conv1d_numba import backward, empty_partials
+
+        x, w, st = ctx.saved_tensors
+        B, T, C = x.shape
+        W = w.shape[0]
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        dw_part, db_part = empty_partials(B, T, W, C)
+        has_lags = ctx.lags is not None
+        lags_np = ctx.lags if has_lags else torch.zeros(1, 1, dtype=torch.int64).numpy()
+        backward(x.numpy(), st.numpy(), ctx.has_state, w.numpy(), lags_np, has_lags, dy.numpy(), dx.numpy(),
+                 dw_part, db_part)
+        dw = torch.from_numpy(dw_part).sum(0)
+        db = torch.from_numpy(db_part).sum(0) if ctx.has_bias else None
+        return dx, dw, db, None, None
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  lags: torch.Tensor | None = None, state: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal depthwise convolution (see the module docstring).
+
+    Args:
+        x: (B, T, C) inputs. weight: (W, C), weight[W-1] for the current token. bias: (C,).
+        lags: optional (B, T) or (T,) integer count of past inputs each token may see (its
+            position in its document); None: no limit.
+        state: optional (B, W-1, C) inputs before the chunk (a decoding cache); None: zeros.
+
+    Returns:
+        (B, T, C) in x's dtype.
+    """
+    if x.dim() != 3 or weight.dim() != 2 or x.shape[2] != weight.shape[1]:
+        raise ValueError(f"causal_conv1d: x (B, T, C) and weight (W, C) expected, got {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if fusable(x, weight, bias, state):
+        return _CausalConv1d.apply(x, weight, bias, lags, state)
+    if lags is None and state is None:
+        W, C = weight.shape
+        w = weight.t()[:, None, :].to(x.dtype)  # (C, 1, W); conv1d correlates, so w[..., W-1] hits x_t
+        y = F.conv1d(F.pad(x.transpose(1, 2), (W - 1, 0)), w, groups=C).transpose(1, 2)
+        return y + bias.to(x.dtype) if bias is not None else y
+    return causal_conv1d_reference(x, weight, bias, lags, state)
