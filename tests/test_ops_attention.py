@@ -24,6 +24,9 @@ def doc_starts(B: int, T: int, p: float, gen: torch.Generator) -> torch.Tensor:
         (33, 1, 4, 2, 2, True),     # a query sees only itself
         (64, 20, 256, 4, 1, True),  # block capped to the window
         (300, 64, 48, 2, 1, False),  # window not a multiple of the block
+        (45, 7, 4, 6, 2, False),    # GQA without documents: query heads folded per kv head
+        (20, 30, 8, 4, 1, False),   # every block's span starts before key 0 (no shared-pattern blocks)
+        (50, 8, 8, 3, 3, False),    # multi-head (one query head per kv head)
     ],
 )
 def test_blocked_matches_dense_reference(T, window, block, H, Hkv, docs):
