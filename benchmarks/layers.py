@@ -7,9 +7,10 @@ RG-LRU bound (same-run torch copy bandwidth): forward reads x, gate_r, gate_i an
 Attention: MQA, B=1, H=8, head dim 128, window 1024, forward, blocked path forced (at
 T <= window `causal_attention` itself picks SDPA is_causal); each configuration runs in a
 fresh subprocess. Memory is not measured here: the blocked path allocates O(T (window +
-block)) (key blocks and a (T, window + block) mask), the dense one a (T, T) mask.
-`--block-sweep` times the blocked path's query block length (`DEFAULT_BLOCK` was chosen
-from it) over windows and head counts, all lengths interleaved in one process.
+block)) for its key blocks and a mask of the first window's blocks only (a (T, window + block)
+one with documents), the dense one a (T, T) mask. `--block-sweep` times the blocked path's
+query block length over windows and head counts, all blocks interleaved in one process
+(`MQA_BLOCK` and `MHA_BLOCK` in `griffinlm/ops/local_attention.py` were chosen from it).
 """
 from __future__ import annotations
 
@@ -76,19 +77,20 @@ def bench_attention(repeats: int, skip_dense_16k: bool) -> None:
 
 def bench_block_sweep(repeats: int) -> None:
     blocks = (32, 64, 128, 256)
-    print("\n### Blocked local attention: query block length (MQA, B=1, hd=128), forward ms\n")
-    print("| T | heads | window | " + " | ".join(f"block {b}" for b in blocks) + " |")
-    print("|---|---|---|" + "---|" * len(blocks))
-    for T, H, W in [(2048, 4, 128), (4096, 4, 512), (4096, 8, 1024), (16384, 8, 1024), (8192, 8, 2048)]:
+    print("\n### Blocked local attention: query block length (B=1, hd=128), forward ms\n")
+    print("| T | heads | kv heads | window | " + " | ".join(f"block {b}" for b in blocks) + " |")
+    print("|---|---|---|---|" + "---|" * len(blocks))
+    for T, H, Hkv, W in [(2048, 4, 1, 128), (4096, 4, 1, 512), (4096, 8, 1, 1024), (16384, 8, 1, 1024),
+                         (8192, 8, 1, 2048), (4096, 4, 4, 512), (4096, 8, 8, 1024), (4096, 8, 2, 1024)]:
         q = torch.randn(1, H, T, 128)
-        k, v = torch.randn(1, 1, T, 128), torch.randn(1, 1, T, 128)
+        k, v = torch.randn(1, Hkv, T, 128), torch.randn(1, Hkv, T, 128)
         best = {b: float("inf") for b in blocks}
         for _ in range(repeats):  # interleaved: the host's speed drifts between consecutive timings
             for b in blocks:
                 best[b] = min(best[b], best_time(lambda: causal_attention(q, k, v, W, block=b, impl="blocked"), 1))
         top = min(best.values())
         cells = " | ".join(f"**{best[b] * 1e3:.1f}**" if best[b] == top else f"{best[b] * 1e3:.1f}" for b in blocks)
-        print(f"| {T} | {H} | {W} | {cells} |")
+        print(f"| {T} | {H} | {Hkv} | {W} | {cells} |")
 
 
 def main() -> None:

@@ -6,9 +6,11 @@ full-sequence (training / prefill without cache) attention.
 Sliding-window attention is computed blockwise, never with a T x T mask: queries are cut
 into blocks of `block` positions; block j (positions [j*block, (j+1)*block)) attends to the
 span of keys [j*block - P, (j+1)*block) with P = window - 1 rounded up to a multiple of
-block, which holds every key any of its queries may see. All blocks go through one batched
-`scaled_dot_product_attention` call with a (block, P + block) mask, so time and memory grow
-as T * (window + block), not T^2. The dense masked reference is `attention_reference.py`.
+block, which holds every key any of its queries may see. The blocks go through batched
+`scaled_dot_product_attention` calls (query heads sharing a kv head folded into the rows),
+masked with one (block, P + block) pattern shared by every block past the first window (and
+per-block masks for the first blocks, or for all of them with documents), so time and memory
+grow as T * (window + block), not T^2. The dense masked reference is `attention_reference.py`.
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ import torch.nn.functional as F
 
 from .attention_reference import attention_mask
 
-# Query block length cap: smaller blocks waste less on masked-out keys (the span is
-# P + block for block queries), larger ones amortise per-block overhead. On CPU (2 threads,
-# head dim 128) 64 was within ~5 % of the best of 32..256 for windows 128..2048 at T up to
-# 16384, and 1.2x faster than 256 for window 512 (`benchmarks/layers.py`).
-DEFAULT_BLOCK = 64
+# Query block length: smaller blocks waste less on masked-out keys (the span is P + block
+# for block queries), larger ones amortise per-block overhead. With one kv head the query
+# heads fold into the rows (H * block of them), so MQA wants shorter blocks. Chosen from
+# `python benchmarks/layers.py --block-sweep` (CPU, 2 threads, head dim 128, two runs): with
+# MQA 32 was the best of 32..256 or within 7 % of it for windows 128..2048; with more kv
+# heads 128 was within 15 % (64 within 22 %, 256 within 26 %).
+MQA_BLOCK, MHA_BLOCK = 32, 128
 
 
 def _expand_kv(k: torch.Tensor, rep: int) -> torch.Tensor:
@@ -125,7 +129,7 @@ def _doc_mask(pattern: torch.Tensor, q_doc_start: torch.Tensor, n_blocks: int, b
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
     q_doc_start: torch.Tensor | None = None, scale: float | None = None,
-    *, block: int = DEFAULT_BLOCK, impl: str | None = None,
+    *, block: int | None = None, impl: str | None = None,
 ) -> torch.Tensor:
     """Causal multi-query attention with an optional sliding window.
 
@@ -134,7 +138,8 @@ def causal_attention(
         window: keys visible per query, including itself; None for global causal attention.
         q_doc_start: optional (B, T) absolute start of each query's document.
         scale: softmax scale (default hd ** -0.5).
-        block: query block length of the blocked sliding-window path.
+        block: query block length of the blocked sliding-window path (None: MQA_BLOCK with
+            one kv head, else MHA_BLOCK).
         impl: "blocked" or "dense" (the T x T masked SDPA) to force a path; None picks:
             blocked for window < T, else SDPA with is_causal (or the dense mask with documents).
 
@@ -147,6 +152,8 @@ def causal_attention(
     if impl is None:
         impl = "blocked" if local else "dense"
     if impl == "blocked" and window is not None:
+        if block is None:
+            block = MQA_BLOCK if k.shape[1] == 1 else MHA_BLOCK
         return _blocked_local_attention(q, k, v, window, q_doc_start, scale, block)
     if impl not in ("blocked", "dense"):
         raise ValueError(f"causal_attention: unknown impl {impl!r}")
