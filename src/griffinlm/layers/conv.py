@@ -32,8 +32,7 @@ class Conv1D(nn.Module):
     def forward(self, x: torch.Tensor, pos: Positions,
                 state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, C); state: optional (B, W-1, C) previous inputs. Returns y and the new state."""
-        B, T, C = x.shape
-        W = self.width
+        T, W = x.shape[1], self.width
         if state is not None and T == 1:
             return self._step(x, pos, state)
         lags = pos.abs_pos[None] - pos.doc_start if pos.packed else None  # (B, T) inputs each token sees

@@ -57,5 +57,13 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: Positions,
                 cache: AttentionCache | RecurrentCache | None = None, offset: int = 0) -> torch.Tensor:
-        x = x + self.temporal(self.temporal_norm(x), pos, cache, offset)
-        return x + self.mlp(self.mlp_norm(x))
+        x = _skip(x, self.temporal(self.temporal_norm(x), pos, cache, offset))
+        return _skip(x, self.mlp(self.mlp_norm(x)))
+
+
+def _skip(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch; without autograd written into the branch's output (a fresh tensor nothing else
+    holds), which spares a (B, T, D) allocation the kernel would page-fault in again each time."""
+    if not torch.is_grad_enabled() and branch.dtype == x.dtype and branch.shape == x.shape:
+        return branch.add_(x)
+    return x + branch

@@ -62,8 +62,7 @@ class RGLRU(nn.Module):
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block-diagonal gate logits (..., D) for the recurrence and input gates."""
-        r, i = block_diagonal_linear(x, [self.gate_r_weight, self.gate_i_weight],
-                                     [self.gate_r_bias, self.gate_i_bias])
+        r, i = block_diagonal_linear(x, [self.gate_r_weight, self.gate_i_weight], [self.gate_r_bias, self.gate_i_bias])
         return r, i
 
     def log_a(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ from .scan_reference import linear_scan_reference
 
 __all__ = [
     "linear_scan", "linear_scan_reference", "causal_attention", "attention_reference",
-    "attention_mask", "block_diagonal_linear", "block_diagonal_linear_reference", "causal_conv1d", "causal_conv1d_reference", "gated_activation", "gated_activation_reference", "rms_norm", "rms_norm_reference",
+    "attention_mask", "block_diagonal_linear", "block_diagonal_linear_reference", "causal_conv1d",
+    "causal_conv1d_reference", "gated_activation", "gated_activation_reference", "rms_norm", "rms_norm_reference",
     "rglru", "rglru_gates", "rglru_step", "sqrt_bounded_grad",
 ]

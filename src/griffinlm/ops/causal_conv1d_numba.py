@@ -18,6 +18,16 @@ def _lags(t, W, lim, has_lim, b):
     return min(W - 1, lim[b, t]) if has_lim else W - 1
 
 
+@njit(inline="always")
+def _input_row(x, state, has_state, b, s, W):
+    """(True, x[b, s]); for s < 0 the carried state's row, or (False, any row) without a state."""
+    if s >= 0:
+        return True, x[b, s]
+    if has_state:
+        return True, state[b, W - 1 + s]
+    return False, x[b, 0]
+
+
 @njit(parallel=True, fastmath=True, cache=True, boundscheck=False)
 def forward(x, state, has_state, w, bias, lim, has_lim, y):
     """y[b, t] = bias + sum_{j <= lags(b, t)} w[W-1-j] * x[b, t-j] (x[b, s < 0] = state[b, W-1+s] or 0)."""
@@ -34,12 +44,8 @@ def forward(x, state, has_state, w, bias, lim, has_lim, y):
             for c in range(C):
                 yt[c] = bias[c] + wl[c] * xt[c]
             for j in range(1, _lags(t, W, lim, has_lim, b) + 1):
-                s = t - j
-                if s >= 0:
-                    src = x[b, s]
-                elif has_state:
-                    src = state[b, W - 1 + s]
-                else:
+                ok, src = _input_row(x, state, has_state, b, t - j, W)
+                if not ok:
                     break
                 wj = w[W - 1 - j]
                 for c in range(C):
@@ -65,12 +71,8 @@ def backward(x, state, has_state, w, lim, has_lim, dy, dx, dw_part, db_part):
                 dbj[c] += dyt[c]
             # weight gradient: dy at t times every input it saw
             for j in range(0, _lags(t, W, lim, has_lim, b) + 1):
-                s = t - j
-                if s >= 0:
-                    src = x[b, s]
-                elif has_state:
-                    src = state[b, W - 1 + s]
-                else:
+                ok, src = _input_row(x, state, has_state, b, t - j, W)
+                if not ok:
                     break
                 dwr = dwj[W - 1 - j]
                 for c in range(C):
