@@ -162,3 +162,30 @@ def test_cache_is_constant_size_for_recurrent_models():
         _, cache = m(torch.randint(0, 259, (1, 20)), cache=cache)
     assert isinstance(cache, ModelCache) and cache.nbytes() == size
 
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_float32_fast_paths_match_float64_model(arch, packed, monkeypatch):
+    """The float32 CPU forward (numba Conv1D, RG-LRU, norms and activations, per-block gate
+    matmuls, folded blocked attention, and without autograd the row-chunked MLP and in-place
+    residual adds) equals the same weights run in float64, which take the torch paths."""
+    from griffinlm.layers import activations
+
+    torch.manual_seed(0)
+    m32 = small(arch).float()
+    m64 = small(arch)
+    m64.load_state_dict(m32.state_dict())
+    x = torch.randint(0, 259, (2, 300))
+    seg = None
+    if packed:
+        seg = torch.cat([torch.arange(120), torch.arange(180)])[None].expand(2, -1)
+    ref = m64(x, segment_pos=seg)
+    with_grad = m32(x, segment_pos=seg)
+    monkeypatch.setattr(activations, "CHUNK_BYTES", 3 * m32.config.resolved_mlp_hidden * 4 * 256)
+    with torch.no_grad():
+        x_before = x.clone()
+        fast = m32(x, segment_pos=seg)
+        assert torch.equal(x, x_before)
+    torch.testing.assert_close(with_grad.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, with_grad.detach(), rtol=1e-5, atol=1e-5)
