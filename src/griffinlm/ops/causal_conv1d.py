@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import scan_numba
+from .scan_numba import numpy_copy
 
 
 def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -38,14 +39,9 @@ def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None) -> bool:
     """Whether the numba kernels apply: float32 CPU plain tensors, numba present, no gradient
     wanted for `state`, and not inside torch.compile (which fuses the composition itself)."""
-    if torch.compiler.is_compiling() or not scan_numba.available():
-        return False
-    tensors = [t for t in (x, weight, bias, state) if t is not None]
-    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
-        return False  # DTensors (tensor parallelism) take the torch path
     if state is not None and state.requires_grad:
         return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and x.shape[1] > 0
+    return scan_numba.cpu_fusable(x, weight, bias, state) and x.shape[1] > 0
 
 
 def _lags_np(lags: torch.Tensor | None, B: int, T: int):
@@ -61,13 +57,11 @@ class _CausalConv1d(torch.autograd.Function):
 
         B, T, C = x.shape
         x = x.contiguous()
-        # copies, not views: .numpy() would make a parameter's storage non-resizable (FSDP)
-        w = weight.detach().clone()
-        b = bias.detach().clone() if bias is not None else torch.zeros(C)
+        w = weight.detach().clone()  # a copy for numba, as `numpy_copy` explains
         st = state.contiguous() if state is not None else torch.zeros(1, 1, 1)
         lags_np, has_lags = _lags_np(lags, B, T)
         y = torch.empty_like(x)
-        forward(x.numpy(), st.numpy(), state is not None, w.numpy(), b.numpy(), lags_np, has_lags, y.numpy())
+        forward(x.numpy(), st.numpy(), state is not None, w.numpy(), numpy_copy(bias, C), lags_np, has_lags, y.numpy())
         ctx.save_for_backward(x, w, st)
         ctx.lags, ctx.has_state, ctx.has_bias = lags_np if has_lags else None, state is not None, bias is not None
         return y

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import scan_numba
+from .scan_numba import numpy_copy
 
 KINDS = ("gelu_tanh", "silu")
 
@@ -37,18 +38,7 @@ def gated_activation_reference(gate: torch.Tensor, up: torch.Tensor, kind: str,
 def fusable(gate: torch.Tensor, up: torch.Tensor, *biases: torch.Tensor | None) -> bool:
     """Whether the fused CPU kernels apply: float32 CPU tensors, gate and up of one shape, numba
     present, and not inside torch.compile (which fuses the composition itself, no graph break)."""
-    if torch.compiler.is_compiling():
-        return False
-    tensors = [gate, up] + [b for b in biases if b is not None]
-    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
-        return False  # tensor subclasses (DTensor under tensor parallelism) take the torch path
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and gate.shape == up.shape and gate.numel() > 0 and scan_numba.available())
-
-
-def _np(b: torch.Tensor | None, size: int):
-    # a copy: .numpy() makes a storage non-resizable, which FSDP's freeing of parameters needs
-    return (torch.zeros(size) if b is None else b.detach().clone()).numpy()
+    return scan_numba.cpu_fusable(gate, up, *biases) and gate.shape == up.shape and gate.numel() > 0
 
 
 class _GatedActivation(torch.autograd.Function):
@@ -59,7 +49,7 @@ class _GatedActivation(torch.autograd.Function):
         M = gate.shape[-1]
         g, u = gate.contiguous().view(-1, M), up.contiguous().view(-1, M)
         out = torch.empty_like(g)
-        forward(g.numpy(), u.numpy(), _np(gate_bias, M), _np(up_bias, M), out.numpy(), code)
+        forward(g.numpy(), u.numpy(), numpy_copy(gate_bias, M), numpy_copy(up_bias, M), out.numpy(), code)
         ctx.save_for_backward(g, u, gate_bias, up_bias)
         ctx.code = code
         return out.view(gate.shape)
@@ -72,7 +62,7 @@ class _GatedActivation(torch.autograd.Function):
         dh = grad.contiguous().view(g.shape)
         dg, du = torch.empty_like(g), torch.empty_like(u)
         M = g.shape[1]
-        backward(g.numpy(), u.numpy(), _np(gate_bias, M), _np(up_bias, M), dh.numpy(), dg.numpy(), du.numpy(), ctx.code)
+        backward(g.numpy(), u.numpy(), numpy_copy(gate_bias, M), numpy_copy(up_bias, M), dh.numpy(), dg.numpy(), du.numpy(), ctx.code)
         return (dg.view(grad.shape), du.view(grad.shape), None if gate_bias is None else dg.sum(0),
                 None if up_bias is None else du.sum(0), None)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import scan_numba
+from .scan_numba import numpy_copy
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
@@ -24,12 +25,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_o
 
 def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Plain float32 CPU tensors, numba present, not being traced by torch.compile."""
-    if torch.compiler.is_compiling():
-        return False
-    if type(x) not in (torch.Tensor, torch.nn.Parameter) or type(weight) not in (torch.Tensor, torch.nn.Parameter):
-        return False  # tensor subclasses (DTensor under tensor parallelism) take the torch path
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.numel() > 0 and scan_numba.available())
+    return scan_numba.cpu_fusable(x, weight) and x.numel() > 0
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -41,9 +37,7 @@ class _RMSNorm(torch.autograd.Function):
         x2 = x.contiguous().view(-1, D)
         y = torch.empty_like(x2)
         inv = torch.empty(x2.shape[0], dtype=torch.float32)
-        # .numpy() makes a storage non-resizable: give numba a copy of the (D,) weight, never the
-        # parameter itself (FSDP frees unsharded parameters by resizing their storage)
-        forward(x2.numpy(), weight.detach().clone().numpy(), eps, unit_offset, y.numpy(), inv.numpy())
+        forward(x2.numpy(), numpy_copy(weight, D), eps, unit_offset, y.numpy(), inv.numpy())
         ctx.save_for_backward(x2, weight, inv)
         ctx.unit_offset = unit_offset
         return y.view(x.shape)
@@ -56,7 +50,7 @@ class _RMSNorm(torch.autograd.Function):
         g = grad.contiguous().view(x2.shape)
         dx = torch.empty_like(x2)
         partial = torch.empty(-(-x2.shape[0] // CHUNK_ROWS), x2.shape[1], dtype=torch.float32)
-        backward(x2.numpy(), weight.detach().clone().numpy(), ctx.unit_offset, inv.numpy(), g.numpy(), dx.numpy(),
+        backward(x2.numpy(), numpy_copy(weight, x2.shape[1]), ctx.unit_offset, inv.numpy(), g.numpy(), dx.numpy(),
                  partial.numpy())
         return dx.view(grad.shape), partial.sum(0), None, None
 

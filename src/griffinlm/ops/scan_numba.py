@@ -36,6 +36,23 @@ def available() -> bool:
     return True
 
 
+def cpu_fusable(*tensors: torch.Tensor | None) -> bool:
+    """Whether a numba kernel may take these tensors (None entries skipped): numba available,
+    not being traced by torch.compile (which fuses the torch composition itself), and every
+    tensor a plain float32 CPU one (subclasses such as DTensor take the torch path)."""
+    if torch.compiler.is_compiling() or not available():
+        return False
+    present = [t for t in tensors if t is not None]
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+               and t.dtype == torch.float32 for t in present)
+
+
+def numpy_copy(t: torch.Tensor | None, size: int):
+    """A numpy copy of a small (size,) parameter, zeros when absent. A copy because `.numpy()`
+    makes a storage non-resizable for good, and FSDP frees parameters by resizing them."""
+    return (torch.zeros(size) if t is None else t.detach().clone()).numpy()
+
+
 def chunk_size(B: int, D: int) -> int:
     """Channels per job: whole rows when the batch alone fills the cores (longest contiguous
     streams, measured fastest), else split rows so that B * chunks is a multiple of the cores."""
