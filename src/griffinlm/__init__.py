@@ -1,6 +1,7 @@
 """griffinlm: Griffin, Hawk and MQA Transformer language models in PyTorch."""
+from .cache import ModelCache, load_state, save_state
 from .config import ModelConfig
-from .model import LanguageModel, ModelCache
+from .model import LanguageModel
 
-__all__ = ["ModelConfig", "LanguageModel", "ModelCache"]
+__all__ = ["ModelConfig", "LanguageModel", "ModelCache", "save_state", "load_state"]
 __version__ = "0.1.0"

@@ -1,13 +1,10 @@
-"""Autoregressive generation on top of any model with `init_cache` and a cached forward.
+"""Autoregressive generation on the model's slot API: one loop for every caller.
 
 `GenerationMixin` is mixed into `LanguageModel`; this module never imports the model. It needs
-from the model: `init_cache(batch, max_length, device)`, `model(tokens, cache=, segment_pos=)`
-returning (logits, cache), and optionally `decode_step(tokens, cache) -> (B, V)` logits (the
-lean one-token step; a model without it is stepped through its forward).
-
-Prompts of different lengths are left-padded; each pad token is its own one-token document
-(segment position 0) and every prompt starts a document at its first real token, so the
-recurrence is reset and conv/attention are masked there: no pad reaches a real token's state.
+from the model: `init_cache(batch, max_length)`, `prefill(tokens, cache, slot, last_only=True)`,
+`step(tokens, cache, slots)` and `model(tokens, cache=)` (a batched prefill of equal-length
+prompts). Each prompt prefills its own slot (no padding), and a row that stops leaves the
+batch: later steps advance only the slots still generating.
 """
 from __future__ import annotations
 
@@ -59,37 +56,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, generator: torch
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def pad_prompts(prompts: Sequence[Sequence[int] | torch.Tensor], pad_id: int = 0,
-                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pads prompts of different lengths into one batch.
-
-    Returns tokens (B, T) long, segment_pos (B, T) long (0 for every pad: each is its own
-    document; 0, 1, ... along each prompt) and lengths (B,) long."""
-    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
-    if not rows:
-        raise ValueError("no prompts given")
-    for i, r in enumerate(rows):
-        if r.numel() == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-    lengths = torch.tensor([r.numel() for r in rows], dtype=torch.long)
-    T = int(lengths.max())
-    tokens = torch.stack([torch.cat([r.new_full((T - r.numel(),), pad_id), r]) for r in rows])
-    segment_pos = left_pad_positions(tokens, lengths)
-    return tokens.to(device), segment_pos.to(device), lengths.to(device)
-
-
-def left_pad_positions(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """segment_pos (B, T) for left-padded tokens (B, T) whose row b ends with its lengths[b]
-    real tokens: 0 on every pad, 0 .. lengths[b]-1 along the prompt."""
-    B, T = tokens.shape
-    lengths = lengths.to(tokens.device).long()
-    if lengths.shape != (B,) or bool((lengths < 1).any()) or bool((lengths > T).any()):
-        raise ValueError(f"prompt_lengths must be (B,) = ({B},) values in [1, {T}], got {lengths.tolist()}")
-    first = (T - lengths)[:, None]  # (B, 1) index of the first real token
-    t = torch.arange(T, device=tokens.device)[None]
-    return (t - first).clamp(min=0)
-
-
 def stop_table(stop_tokens: StopTokens, batch: int, device: torch.device) -> torch.Tensor | None:
     """(B, K) long table of each row's stop ids, padded with -1; None when there are none.
 
@@ -118,26 +84,33 @@ def stop_table(stop_tokens: StopTokens, batch: int, device: torch.device) -> tor
 
 
 class GenerationMixin:
-    """`generate` and `generate_stream` for a model with a cache (see the module docstring)."""
+    """`generate` and `generate_stream` for a model with the slot API (see the module docstring)."""
 
-    def _prepare(self, tokens, max_new_tokens: int, temperature: float, top_k, top_p, pad_id: int,
-                 prompt_lengths) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _prompt_rows(self, tokens, max_new_tokens: int, temperature: float, top_k, top_p,
+                     prompt_lengths) -> list[torch.Tensor] | torch.Tensor:
+        """Checked arguments; the prompts as a (B, T) tensor (one length) or a list of 1-D rows."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         check_sampling(temperature, top_k, top_p)
-        device = next(self.parameters()).device
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
                 raise ValueError(f"tokens must be a non-empty (batch, seq_len) LongTensor, got shape {tuple(tokens.shape)}")
             if prompt_lengths is None:
-                return tokens, None, torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long)
-            lengths = torch.as_tensor(prompt_lengths, dtype=torch.long)
-            seg = left_pad_positions(tokens, lengths)
-            return tokens, (None if bool((lengths == tokens.shape[1]).all()) else seg), lengths
+                return tokens
+            B, T = tokens.shape
+            lengths = torch.as_tensor(prompt_lengths, dtype=torch.long).reshape(-1).tolist()
+            if len(lengths) != B or any(not 1 <= n <= T for n in lengths):
+                raise ValueError(f"prompt_lengths must be ({B},) values in [1, {T}], got {lengths}")
+            return [tokens[b, T - n:] for b, n in enumerate(lengths)]  # left padding dropped
         if prompt_lengths is not None:
             raise ValueError("prompt_lengths is only for a left-padded tensor; a list of prompts carries its lengths")
-        toks, seg, lengths = pad_prompts(tokens, pad_id, device)
-        return toks, (None if bool((lengths == toks.shape[1]).all()) else seg), lengths.cpu()
+        rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in tokens]
+        if not rows:
+            raise ValueError("no prompts given")
+        for i, r in enumerate(rows):
+            if r.numel() == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        return rows
 
     @torch.no_grad()
     def generate_stream(self, tokens: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
@@ -148,33 +121,36 @@ class GenerationMixin:
         """Yields the next token of every row, (B,) long, as soon as it is sampled.
 
         Arguments as in `generate`. A row that has produced one of its stop tokens yields
-        `pad_id` from then on; the iterator ends after `max_new_tokens` steps or once every
-        row has stopped."""
-        toks, seg, _ = self._prepare(tokens, max_new_tokens, temperature, top_k, top_p, pad_id, prompt_lengths)
+        `pad_id` from then on (and is no longer computed); the iterator ends after
+        `max_new_tokens` steps or once every row has stopped."""
+        rows = self._prompt_rows(tokens, max_new_tokens, temperature, top_k, top_p, prompt_lengths)
         if max_new_tokens == 0:
             return
         device = next(self.parameters()).device
-        toks = toks.to(device)
-        B, T = toks.shape
+        B = len(rows)
         stops = stop_table(stop_tokens, B, device)
-        cache = self.init_cache(B, max_length=T + max_new_tokens, device=device)
-        logits, cache = self(toks, cache=cache, segment_pos=seg)
-        last = logits[:, -1]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        step = getattr(self, "decode_step", None)
+        longest = rows.shape[1] if isinstance(rows, torch.Tensor) else max(r.numel() for r in rows)
+        cache = self.init_cache(B, max_length=longest + max_new_tokens)
+        if isinstance(rows, torch.Tensor):  # one length: a single batched prefill
+            logits, cache = self(rows.to(device), cache=cache)
+            last = logits[:, -1]
+        else:
+            last = torch.stack([self.prefill(r.to(device), cache, b, last_only=True) for b, r in enumerate(rows)])
+        active = torch.arange(B, device=device)  # slots still generating, in row order
         for i in range(max_new_tokens):
-            nxt = sample_next(last, temperature, generator, top_k, top_p)
-            if stops is not None:
-                nxt = nxt.masked_fill(done, pad_id)
-                done = done | (nxt[:, None] == stops).any(-1)
-            yield nxt
-            if i == max_new_tokens - 1 or (stops is not None and bool(done.all())):
+            nxt = sample_next(last, temperature, generator, top_k, top_p)  # (n_active,)
+            out = torch.full((B,), pad_id, dtype=torch.long, device=device)
+            out[active] = nxt
+            yield out
+            if i == max_new_tokens - 1:
                 return
-            if step is not None:
-                last = step(nxt, cache)
-            else:
-                logits, cache = self(nxt[:, None], cache=cache)
-                last = logits[:, -1]
+            if stops is not None:
+                going = ~(nxt[:, None] == stops.index_select(0, active)).any(-1)
+                if not bool(going.all()):
+                    active, nxt = active[going], nxt[going]
+                    if active.numel() == 0:
+                        return
+            last = self.step(nxt, cache, active)
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
@@ -186,7 +162,8 @@ class GenerationMixin:
 
         Args:
             tokens: (B, T) long prompts of one length (left-padded if `prompt_lengths` is
-                given), or a list of B prompts (lists or 1-D tensors) of any lengths.
+                given: the pads are dropped), or a list of B prompts (lists or 1-D tensors) of
+                any lengths, each prefilled in its own slot.
             max_new_tokens: tokens to generate per row (fewer where a row stops).
             temperature: 0 is greedy; otherwise sample from softmax(logits / temperature).
             generator: `torch.Generator` for sampling; a fixed seed reproduces the samples.
@@ -194,7 +171,7 @@ class GenerationMixin:
             top_p: nucleus sampling, the most likely tokens holding probability top_p (0, 1].
             stop_tokens: an id or list of ids for every row, or B per-row lists; a row ends
                 with its first stop token (included in the output).
-            pad_id: filler for pads in a list of prompts and after a row has stopped.
+            pad_id: filler after a row has stopped (tensor output).
             prompt_lengths: (B,) real lengths of left-padded `tokens` rows (the rest are pads).
 
         Returns:

@@ -1,95 +1,23 @@
 """`LanguageModel`: embedding -> residual blocks -> final RMSNorm -> tied output layer.
 
 The same class is the MQA Transformer, Hawk or Griffin, depending on `config.block_pattern`.
-Decoding state lives in an explicit `ModelCache` that callers pass in and get back.
+Decoding state lives in an explicit `ModelCache`, a pool of independent sequence slots, that
+callers pass in: `prefill` appends tokens to one slot, `step` advances any set of slots by one
+token each (the one decoding path; `forward` with a cache and `generate` are built on them).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .cache import ModelCache, SlotIndex
 from .config import ModelConfig
-from .decode_cpu import CPUDecoder, cpu_decoder
 from .generate import GenerationMixin
-from .layers import AttentionCache, Positions, RecurrentCache, ResidualBlock, RMSNorm
-
-
-@dataclass
-class ModelCache:
-    """Per-block caches plus the position bookkeeping of a batch of streams.
-
-    Every tensor is allocated by `init_cache` and then updated in place, so a decoding step
-    has static shapes and allocates no cache memory.
-
-    Attributes:
-        blocks: one `RecurrentCache` or `AttentionCache` per residual block.
-        length: tokens already processed (the same for every row; prompts are left-padded).
-        doc_start: (B,) long, absolute position where each row's current document starts.
-        position: (1,) long tensor equal to `length`, which a compiled step reads instead of
-            the python int (so it does not recompile per position); kept in sync by the model.
-    """
-
-    blocks: list[AttentionCache | RecurrentCache]
-    length: int
-    doc_start: torch.Tensor
-    position: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.position is None:
-            self.position = torch.tensor([self.length], dtype=torch.long, device=self.doc_start.device)
-
-    @property
-    def batch_size(self) -> int:
-        return self.doc_start.shape[0]
-
-    @property
-    def capacity(self) -> int | None:
-        """Most tokens the cache can hold: the smallest global-attention cache, or None (no limit)."""
-        sizes = [c.slots for c in self.blocks if isinstance(c, AttentionCache) and not c.ring]
-        return min(sizes) if sizes else None
-
-    def check_room(self, new_tokens: int) -> None:
-        """Raises ValueError if `new_tokens` more tokens would overflow a global-attention cache."""
-        cap = self.capacity
-        if cap is not None and self.length + new_tokens > cap:
-            raise ValueError(
-                f"global attention cache holds {cap} positions but the sequence would reach "
-                f"{self.length + new_tokens}; pass a larger max_length to init_cache"
-            )
-
-    def reorder(self, index: torch.Tensor) -> "ModelCache":
-        """Select/permute batch rows (row i becomes old row index[i]); returns self.
-
-        With an unchanged batch size the tensors are rewritten in place (same storage)."""
-        index = index.to(self.doc_start.device)
-        for c in self.blocks:
-            c.reorder(index)
-        doc_start = self.doc_start.index_select(0, index)
-        if doc_start.shape == self.doc_start.shape:
-            self.doc_start.copy_(doc_start)
-        else:
-            self.doc_start = doc_start
-        return self
-
-    def clone(self) -> "ModelCache":
-        """An independent copy (e.g. to branch several continuations from one prefix)."""
-        return ModelCache([c.clone() for c in self.blocks], self.length, self.doc_start.clone(),
-                          self.position.clone())
-
-    def nbytes(self) -> int:
-        """Bytes held by the cache tensors."""
-        total = self.doc_start.numel() * self.doc_start.element_size()
-        total += self.position.numel() * self.position.element_size()
-        for c in self.blocks:
-            for t in vars(c).values():
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+from .layers import Positions, ResidualBlock, RMSNorm
+from .ops.decode_step import logits_reference, logits_step
 
 
 def embed_multiplier(cfg: ModelConfig) -> float:
@@ -118,8 +46,6 @@ class LanguageModel(nn.Module, GenerationMixin):
         self.final_norm = RMSNorm(config.width, config.norm_eps, config.norm_unit_offset)
         self.embed_multiplier = embed_multiplier(config)
         self.gradient_checkpointing = False
-        # decode_step's fused numba kernels on CPU (see decode_cpu.py); False forces eager.
-        self.fused_cpu_decode = True
         self.reset_parameters()
 
     # --- initialisation ----------------------------------------------------------------
@@ -146,58 +72,57 @@ class LanguageModel(nn.Module, GenerationMixin):
         return n if include_embedding else n - self.embed.weight.numel()
 
     # --- cache ---------------------------------------------------------------------------
-    def init_cache(self, batch_size: int, max_length: int | None = None,
-                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ModelCache:
-        """An empty cache for `batch_size` streams.
+    def init_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> ModelCache:
+        """A pool of `batch_size` empty sequence slots (see `griffinlm.cache`).
 
-        `max_length` bounds global-attention caches (default config.max_position or 4096);
-        local-attention and recurrent caches have a fixed size whatever the length.
+        `max_length` bounds each slot's global-attention cache (default config.max_position or
+        4096); local-attention and recurrent states have a fixed size whatever the length.
+        `dtype` (default the parameters') is that of conv inputs and keys/values; the RG-LRU
+        state is float32 always.
         """
-        if batch_size <= 0:
-            raise ValueError(f"init_cache: batch_size must be positive, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"init_cache: batch_size must be a positive int, got {batch_size!r}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length <= 0):
+            raise ValueError(f"init_cache: max_length must be a positive int, got {max_length!r}")
         p = next(self.parameters())
         device = p.device if device is None else torch.device(device)
         dtype = p.dtype if dtype is None else dtype
         max_length = max_length or self.config.max_position or 4096
         blocks = [b.init_cache(batch_size, max_length, device, dtype) for b in self.blocks]
-        return ModelCache(blocks, 0, torch.zeros(batch_size, dtype=torch.long, device=device))
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return ModelCache(blocks, zeros, zeros.clone())
 
     # --- forward -------------------------------------------------------------------------
-    def _check_tokens(self, tokens: torch.Tensor, segment_pos: torch.Tensor | None,
-                      cache: ModelCache | None) -> None:
+    def _check_ids(self, tokens: torch.Tensor, shape: str) -> None:
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens must be a torch.Tensor of dtype long, got {type(tokens).__name__}")
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
             raise TypeError(f"tokens must be an integer tensor (torch.long), got {tokens.dtype}")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}")
-        if tokens.shape[1] == 0 or tokens.shape[0] == 0:
+        if tokens.dim() != len(shape.split(",")):
+            raise ValueError(f"tokens must have shape ({shape}), got {tuple(tokens.shape)}")
+        if tokens.numel() == 0:
             raise ValueError(f"tokens must be non-empty, got shape {tuple(tokens.shape)}")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = torch.aminmax(tokens)
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} out of range [0, {self.config.vocab_size}) (vocab_size)")
-        if segment_pos is not None and segment_pos.shape != tokens.shape:
-            raise ValueError(f"segment_pos must have the tokens' shape {tuple(tokens.shape)}, got {tuple(segment_pos.shape)}")
-        if cache is not None:
-            if not isinstance(cache, ModelCache):
-                raise TypeError(f"cache must be a ModelCache from model.init_cache, got {type(cache).__name__}")
-            if cache.batch_size != tokens.shape[0]:
-                raise ValueError(f"cache was made for batch size {cache.batch_size} but tokens have batch size {tokens.shape[0]}")
-            if len(cache.blocks) != len(self.blocks):
-                raise ValueError(f"cache has {len(cache.blocks)} block caches but the model has {len(self.blocks)} blocks")
+
+    def _check_cache(self, cache: ModelCache) -> None:
+        if not isinstance(cache, ModelCache):
+            raise TypeError(f"cache must be a ModelCache from model.init_cache, got {type(cache).__name__}")
+        if len(cache.blocks) != len(self.blocks):
+            raise ValueError(f"cache has {len(cache.blocks)} block caches but the model has {len(self.blocks)} blocks")
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids -> (B, T, D) scaled embeddings."""
+        """(...) ids -> (..., D) scaled embeddings."""
         return self.embed(tokens) * self.embed_multiplier
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) residual stream -> (B, T, V): final norm, tied output layer, soft-cap."""
-        logits = F.linear(self.final_norm(x), self.embed.weight)
-        cap = self.config.logits_soft_cap
-        if cap is not None:
-            logits = torch.tanh(logits.float() / cap) * cap
-        return logits
+        return logits_reference(x, self.final_norm.op_args(), self.embed.weight, self.config.logits_soft_cap)
 
     def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None, *,
                 segment_pos: torch.Tensor | None = None):
@@ -205,7 +130,8 @@ class LanguageModel(nn.Module, GenerationMixin):
 
         Args:
             tokens: (B, T) long token ids in [0, vocab_size).
-            cache: optional `ModelCache`; it is updated in place and returned.
+            cache: optional `ModelCache` of B slots; row b continues slot b from its own
+                position. It is updated in place and returned.
             segment_pos: optional (B, T) long position of each token within its document; a 0
                 starts a new document (recurrence reset; conv and attention do not look back
                 past it). Default: each row continues one document.
@@ -213,84 +139,121 @@ class LanguageModel(nn.Module, GenerationMixin):
         Returns:
             logits (B, T, vocab_size), or (logits, cache) when a cache is given.
         """
-        self._check_tokens(tokens, segment_pos, cache)
+        self._check_ids(tokens, "batch, seq_len")
         B, T = tokens.shape
-        if cache is not None:
-            cache.check_room(T)
-            if T == 1:
-                logits = self._step(tokens, cache, segment_pos, cache.length)
-                cache.length += 1
-                return logits, cache
-        offset = 0 if cache is None else cache.length
-        pos = Positions.build(B, T, offset, tokens.device,
-                              None if segment_pos is None else segment_pos.to(tokens.device).long(),
-                              None if cache is None else cache.doc_start)
+        if segment_pos is not None:
+            if segment_pos.shape != tokens.shape:
+                raise ValueError(f"segment_pos must have the tokens' shape {tuple(tokens.shape)}, "
+                                 f"got {tuple(segment_pos.shape)}")
+            segment_pos = segment_pos.to(tokens.device).long()
+        if cache is None:
+            return self._forward(tokens, Positions.build(B, T, 0, tokens.device, segment_pos))
+        self._check_cache(cache)
+        if cache.batch_size != B:
+            raise ValueError(f"cache was made for batch size {cache.batch_size} but tokens have batch size {B}")
+        slots = torch.arange(B, device=cache.positions.device)
+        cache.check_room(slots, T)
+        if T == 1:
+            return self._step(tokens[:, 0], cache, slots, *self._step_bounds(cache, slots),
+                              segment_pos=None if segment_pos is None else segment_pos[:, 0])[:, None], cache
+        offsets = cache.positions.tolist()
+        if len(set(offsets)) == 1:  # every slot at one position: one batched chunk
+            return self._chunk(tokens, cache, offsets[0], segment_pos), cache
+        rows = [self._chunk(tokens[b:b + 1], cache.view(b), offsets[b],
+                            None if segment_pos is None else segment_pos[b:b + 1]) for b in range(B)]
+        return torch.cat(rows), cache
+
+    def _forward(self, tokens: torch.Tensor, pos: Positions, cache: ModelCache | None = None,
+                 offset: int = 0) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) logits through every block (with a cache: after `offset` tokens)."""
         x = self._embed(tokens)  # (B, T, D)
         for i, block in enumerate(self.blocks):
-            block_cache = None if cache is None else cache.blocks[i]
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, pos, use_reentrant=False)
             else:
-                x = block(x, pos, block_cache, offset)
-        logits = self._logits(x)
-        if cache is None:
-            return logits
-        cache.length = offset + T
-        cache.position.fill_(offset + T)
+                x = block(x, pos, None if cache is None else cache.blocks[i], offset)
+        return self._logits(x)
+
+    def _chunk(self, tokens: torch.Tensor, cache: ModelCache, offset: int,
+               segment_pos: torch.Tensor | None) -> torch.Tensor:
+        """Tokens (B, T) appended to cache slots that all hold `offset` tokens -> logits (B, T, V)."""
+        B, T = tokens.shape
+        pos = Positions.build(B, T, offset, tokens.device, segment_pos, cache.doc_start)
+        logits = self._forward(tokens, pos, cache, offset)
+        cache.positions.fill_(offset + T)
         cache.doc_start.copy_(pos.doc_start[:, -1])
-        return logits, cache
-
-    # --- one-token decoding ----------------------------------------------------------------
-    def _step(self, tokens: torch.Tensor, cache: ModelCache, segment_pos: torch.Tensor | None = None,
-              limit: int | None = None) -> torch.Tensor:
-        """One token per row through the cache: tokens (B, 1) -> logits (B, 1, V).
-
-        Reads positions only from tensors (cache.position, cache.doc_start) and updates every
-        cache tensor in place, so the shapes never change; `limit` (the python position) only
-        lets eager global attention skip empty slots, None attends over all (static shapes).
-        Does not touch the python `cache.length`: callers add 1.
-        """
-        abs_pos = cache.position  # (1,)
-        if segment_pos is None:
-            doc_start = cache.doc_start[:, None]  # (B, 1)
-        else:
-            doc_start = (abs_pos[None] - segment_pos.to(abs_pos.device).long()).clamp(min=0)
-        pos = Positions(abs_pos, abs_pos[None] - doc_start, doc_start, abs_pos[None] == doc_start, True)
-        x = self._embed(tokens)  # (B, 1, D)
-        for block, block_cache in zip(self.blocks, cache.blocks):
-            x = block(x, pos, block_cache, limit)
-        logits = self._logits(x)
-        cache.position.add_(1)
-        cache.doc_start.copy_(doc_start[:, 0])
         return logits
 
-    def decode_step(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
-        """The lean decoding step: tokens (B,) or (B, 1) long -> last logits (B, V).
+    # --- the slot API: prefill one slot, step any slots ------------------------------------------
+    def prefill(self, tokens: torch.Tensor, cache: ModelCache, slot: int, *, last_only: bool = False) -> torch.Tensor:
+        """Appends tokens (T,) long to slot `slot` from its current state (a reset or fresh slot
+        starts a new sequence; chunked prefill is a loop of calls).
 
-        No input validation beyond the cache's capacity (the generation loop feeds sampled
-        ids). Uses the step compiled by `compile_decode_step` when there is one.
-        """
-        cache.check_room(1)
-        step = self.__dict__.get("_compiled_step")
-        if step is not None:
-            logits = step(tokens.view(-1, 1), cache)
-        elif self.fused_cpu_decode and CPUDecoder.usable_with(cache) and (dec := cpu_decoder(self)) is not None:
-            logits = dec.step(tokens, cache)[:, None]
+        Returns logits (T, vocab_size), or with `last_only` the last position's (vocab_size,).
+        A ValueError (bad ids, slot, or too little room) leaves the pool unchanged."""
+        self._check_ids(tokens, "seq_len")
+        self._check_cache(cache)
+        index = cache.slot_tensor(slot, "slot")
+        cache.check_room(index, tokens.shape[0])
+        s = int(index)
+        logits = self._chunk(tokens[None].to(cache.positions.device), cache.view(s), int(cache.positions[s]), None)[0]
+        return logits[-1] if last_only else logits
+
+    def step(self, tokens: torch.Tensor, cache: ModelCache, slots: SlotIndex) -> torch.Tensor:
+        """Advances each slot in `slots` (n,) by one token from its own position: tokens (n,) long,
+        row b for slot slots[b] (distinct, any order) -> logits (n, vocab_size).
+
+        Uses the step compiled by `compile_decode_step` when there is one. A ValueError (bad
+        ids or slots, or a global-attention slot at max_length) leaves the pool unchanged."""
+        self._check_ids(tokens, "n")
+        self._check_cache(cache)
+        index = cache.slot_tensor(slots)
+        if index.shape != tokens.shape:
+            raise ValueError(f"tokens {tuple(tokens.shape)} and slots {tuple(index.shape)} must have one entry per slot")
+        cache.check_room(index, 1)
+        compiled = self.__dict__.get("_compiled_step")
+        if compiled is not None:
+            return compiled(tokens.to(cache.positions.device), cache, index)
+        return self._step(tokens.to(cache.positions.device), cache, index, *self._step_bounds(cache, index))
+
+    def _step_bounds(self, cache: ModelCache, slots: torch.Tensor) -> tuple[int | None, bool]:
+        """Eager-only hints for `_step`: the filled prefix of global caches (python int) and
+        whether `slots` is the whole pool in order (read without gathering rows)."""
+        keys = None
+        if cache.capacity is not None:
+            keys = min(cache.capacity, int(cache.positions.index_select(0, slots).max()) + 1)
+        whole = slots.shape[0] == cache.batch_size and bool(
+            (slots == torch.arange(cache.batch_size, device=slots.device)).all())
+        return keys, whole
+
+    def _step(self, tokens: torch.Tensor, cache: ModelCache, slots: torch.Tensor, keys: int | None = None,
+              whole: bool = False, segment_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The unchecked step: tokens (n,), slots (n,) -> logits (n, V); updates the pool in
+        place. Static shapes with keys=None, whole=False (what torch.compile captures).
+        `segment_pos` (n,) optionally gives each token's position in its document (0: a start)."""
+        pos = cache.positions.index_select(0, slots)  # (n,)
+        if segment_pos is None:
+            doc_start = cache.doc_start.index_select(0, slots)
         else:
-            logits = self._step(tokens.view(-1, 1), cache, None, cache.length)
-        cache.length += 1
-        return logits[:, 0]
+            doc_start = (pos - segment_pos).clamp(min=0)
+        x = self._embed(tokens)  # (n, D)
+        for block, state in zip(self.blocks, cache.blocks):
+            x = block.step(x, state, slots, pos, doc_start, keys, whole)
+        logits = logits_step(x, self.final_norm.op_args(), self.embed.weight, self.config.logits_soft_cap)
+        cache.positions.index_copy_(0, slots, pos + 1)
+        cache.doc_start.index_copy_(0, slots, doc_start)
+        return logits
 
     def compile_decode_step(self, enable: bool = True, **compile_kwargs) -> None:
-        """Compile the one-token step with `torch.compile` (static shapes: global attention
-        then attends over all its slots, masked); `mode="reduce-overhead"` adds CUDA graphs on
-        GPU. `enable=False` returns to eager. The first step per batch size compiles."""
+        """Compile the one-token step of `step` with `torch.compile` (static shapes: global
+        attention then attends over all its entries, masked); `mode="reduce-overhead"` adds CUDA
+        graphs on GPU. `enable=False` returns to eager. The first step per batch size compiles."""
         if not enable:
             self.__dict__.pop("_compiled_step", None)
             return
         compile_kwargs.setdefault("dynamic", False)
 
-        def step(tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
-            return self._step(tokens, cache, None, None)
+        def step(tokens: torch.Tensor, cache: ModelCache, slots: torch.Tensor) -> torch.Tensor:
+            return self._step(tokens, cache, slots)
 
         self.__dict__["_compiled_step"] = torch.compile(step, **compile_kwargs)

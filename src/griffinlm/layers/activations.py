@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import gated_activation
+from ..ops.decode_step import mlp_step
 
 GATED = ("glu", "bilinear", "reglu", "geglu", "swiglu")
 UNGATED = ("relu", "gelu", "swish")
@@ -68,6 +69,21 @@ def make_activation(name: str, gelu_approximate: str = "tanh", learnable_beta: b
     raise ValueError(f"unknown activation {name!r}; expected one of {GATED + UNGATED}")
 
 
+def step_activation(act: nn.Module) -> tuple[str, float | torch.Tensor]:
+    """(name in ops.decode_step.ACTIVATIONS, swish beta) of an FFN's nonlinearity."""
+    if isinstance(act, nn.Sigmoid):
+        return "sigmoid", 1.0
+    if isinstance(act, nn.ReLU):
+        return "relu", 1.0
+    if isinstance(act, GeLU):
+        return ("gelu_tanh" if act.approximate == "tanh" else "gelu"), 1.0
+    if isinstance(act, Swish):
+        return "swish", act.beta
+    if isinstance(act, nn.Identity):
+        return "identity", 1.0
+    raise TypeError(f"no decoding step for activation {type(act).__name__}")
+
+
 def plain_parameters(*modules: nn.Module) -> bool:
     """True when every parameter of `modules` is a plain tensor, so their functional form may
     stand in for calling them (not DTensors of a tensor-parallel plan, which acts through
@@ -122,6 +138,14 @@ class GatedMLP(nn.Module):
             return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self.fused_kind))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
+    def step(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """One token per sequence: x (n, D) residual stream -> x + self(norm(x)) (n, D), one fused
+        op on CPU (`ops.decode_step.mlp_step`); `norm` is the block's RMSNorm."""
+        name, beta = step_activation(self.act)
+        return mlp_step(x, norm.op_args(), (self.gate_proj.weight, self.gate_proj.bias),
+                        (self.up_proj.weight, self.up_proj.bias), (self.down_proj.weight, self.down_proj.bias),
+                        name, beta)
+
 
 # Row-chunked inference MLP: hidden tensors of a chunk (3 of rows x M float32) within this budget.
 CHUNK_BYTES = 12 * 2**20
@@ -155,3 +179,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(x)))
+
+    def step(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """One token per sequence: x (n, D) -> x + self(norm(x)) (n, D), as `GatedMLP.step`."""
+        name, beta = step_activation(self.act)
+        return mlp_step(x, norm.op_args(), None, (self.up_proj.weight, self.up_proj.bias),
+                        (self.down_proj.weight, self.down_proj.bias), name, beta)

@@ -33,8 +33,6 @@ class Conv1D(nn.Module):
                 state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, C); state: optional (B, W-1, C) previous inputs. Returns y and the new state."""
         T, W = x.shape[1], self.width
-        if state is not None and T == 1:
-            return self._step(x, pos, state)
         lags = pos.abs_pos[None] - pos.doc_start if pos.packed else None  # (B, T) inputs each token sees
         y = causal_conv1d(x, self.weight, self.bias, lags, state)
         if state is None:
@@ -43,17 +41,6 @@ class Conv1D(nn.Module):
         new_state = torch.cat([state.to(x.dtype), x], dim=1)[:, T:] if T < W - 1 else x[:, T - (W - 1):]
         return y, new_state
 
-    def _step(self, x: torch.Tensor, pos: Positions, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoding token: x (B, 1, C), state (B, W-1, C) -> y (B, 1, C), new state (B, W-1, C).
-
-        A handful of ops whatever W (the per-lag loop above costs ~5 ops per lag per layer);
-        `pos.abs_pos` may be a tensor, so a compiled step does not specialise on the position."""
-        W = self.width
-        xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, W, C): xp[:, W-1-j] = x_{t-j}
-        lags = torch.arange(W - 1, -1, -1, device=x.device)  # lag of each row of xp
-        visible = (pos.abs_pos[:, None] - lags[None, :]) >= pos.doc_start  # (B, W)
-        w = self.weight.to(x.dtype)[None] * visible[..., None].to(x.dtype)  # (B, W, C)
-        y = (xp * w).sum(dim=1, keepdim=True)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y, xp[:, 1:]
+    def op_args(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias): this convolution as the arguments of the decoding ops."""
+        return self.weight, self.bias

@@ -23,5 +23,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, self.unit_offset)
 
+    def op_args(self) -> tuple[torch.Tensor, float, bool]:
+        """(weight, eps, unit_offset): this norm as the trailing arguments of `ops.rms_norm`, for
+        the fused decoding ops that apply it on the way into a block."""
+        return self.weight, self.eps, self.unit_offset
+
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)

@@ -13,15 +13,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import gated_activation
+from ..ops.decode_step import recurrent_step
 from .activations import plain_parameters
 from .conv import Conv1D
+from .norm import RMSNorm
 from .positions import Positions
 from .rglru import RGLRU
+from .state import SlotState
 
 
 @dataclass
-class RecurrentCache:
-    """Decoding state of one recurrent block: conv inputs (B, W-1, D_rnn), RG-LRU state (B, D_rnn) fp32."""
+class RecurrentCache(SlotState):
+    """Decoding state of one recurrent block for N sequence slots: the conv's last inputs
+    (N, W-1, D_rnn) and the RG-LRU state (N, D_rnn), float32 whatever the model's dtype."""
 
     conv: torch.Tensor
     rnn: torch.Tensor
@@ -31,18 +35,6 @@ class RecurrentCache:
              dtype: torch.dtype = torch.float32) -> "RecurrentCache":
         return cls(torch.zeros(batch, conv_width - 1, lru_width, device=device, dtype=dtype),
                    torch.zeros(batch, lru_width, device=device, dtype=torch.float32))
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep/permute batch rows: row i becomes old row index[i] (in place if B is unchanged)."""
-        conv, rnn = self.conv.index_select(0, index), self.rnn.index_select(0, index)
-        if conv.shape == self.conv.shape:
-            self.conv.copy_(conv)
-            self.rnn.copy_(rnn)
-        else:
-            self.conv, self.rnn = conv, rnn
-
-    def clone(self) -> "RecurrentCache":
-        return RecurrentCache(self.conv.clone(), self.rnn.clone())
 
 
 class RecurrentBlock(nn.Module):
@@ -78,3 +70,14 @@ class RecurrentBlock(nn.Module):
         if self.gelu_approximate == "tanh":  # GeLU(y + bias) * h in one pass
             return self.linear_out(gated_activation(y, h, "gelu_tanh", self.linear_y.bias if fold else None))
         return self.linear_out(F.gelu(y, approximate=self.gelu_approximate) * h)
+
+    def step(self, x: torch.Tensor, state: RecurrentCache, slots: torch.Tensor, pos: torch.Tensor,
+             doc_start: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """One token per sequence: x (n, D) residual stream -> x + block(norm(x)) (n, D).
+
+        Row b advances slot `slots[b]` of the pool `state` from position pos[b] (n,) of a
+        document that starts at doc_start[b] (the recurrence resets where they are equal)."""
+        return recurrent_step(x, norm.op_args(), (self.linear_y.weight, self.linear_y.bias),
+                              (self.linear_x.weight, self.linear_x.bias), self.conv1d.op_args(),
+                              self.rg_lru.op_args(), (self.linear_out.weight, self.linear_out.bias),
+                              self.gelu_approximate, state.conv, state.rnn, slots, pos, doc_start)

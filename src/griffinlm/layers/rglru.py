@@ -13,9 +13,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..ops import block_diagonal_linear, rglru, rglru_step
+from ..ops import block_diagonal_linear, rglru
+from ..ops.rglru import log_a_from_lambda
 
 
 def lambda_init(width: int, init: str, min_rad: float = 0.9, max_rad: float = 0.999, c: float = 8.0) -> torch.Tensor:
@@ -65,9 +65,15 @@ class RGLRU(nn.Module):
         r, i = block_diagonal_linear(x, [self.gate_r_weight, self.gate_i_weight], [self.gate_r_bias, self.gate_i_bias])
         return r, i
 
+    def op_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, bool]:
+        """(gate_r_weight, gate_r_bias, gate_i_weight, gate_i_bias, lambda_, c, unscaled_reset): this
+        layer as the arguments of the fused decoding op `ops.recurrent_step`."""
+        return (self.gate_r_weight, self.gate_r_bias, self.gate_i_weight, self.gate_i_bias, self.lambda_,
+                self.c, self.unscaled_reset)
+
     def log_a(self) -> torch.Tensor:
         """(D,) log sigmoid(Lambda) = -softplus(-Lambda), in float32."""
-        return -F.softplus(-self.lambda_.float())
+        return log_a_from_lambda(self.lambda_)
 
     def forward(self, x: torch.Tensor, reset: torch.Tensor | None = None,
                 h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +82,4 @@ class RGLRU(nn.Module):
         Returns y (B, T, D) float32 and the last state (B, D) float32.
         """
         gate_r, gate_i = self.gates(x)
-        if x.shape[1] == 1 and h0 is not None:
-            h = rglru_step(x[:, 0], gate_r[:, 0], gate_i[:, 0], self.log_a(), h0, self.c,
-                           None if reset is None else reset[:, 0], self.unscaled_reset)
-            return h[:, None], h
         return rglru(x, gate_r, gate_i, self.log_a(), self.c, reset, h0, self.unscaled_reset)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ops.rotary import rotary
+
 
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to the first `rotary_dim = fraction * head_dim` channels of q or k."""
@@ -23,18 +25,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, T, hd); positions: (B, T) or (T,) integer positions. Returns x rotated."""
-        if self.rotary_dim == 0:
-            return x
-        pos = positions.to(torch.float32)
-        if pos.dim() == 1:
-            pos = pos[None]
-        angles = pos[:, None, :, None] * self.inv_freq.to(pos.device)  # (B|1, 1, T, half)
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        rot, rest = x[..., : self.rotary_dim].float(), x[..., self.rotary_dim :]
-        if self.pairing == "split_half":
-            x1, x2 = rot.chunk(2, dim=-1)
-            out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        else:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-        return torch.cat([out.to(x.dtype), rest], dim=-1)
+        return rotary(x, positions, self.inv_freq, self.rotary_dim, self.pairing == "interleaved")
+
+    def op_args(self) -> tuple[torch.Tensor, int, bool]:
+        """(inv_freq, rotary_dim, interleaved): this embedding as the arguments of `ops.rotary`."""
+        return self.inv_freq, self.rotary_dim, self.pairing == "interleaved"

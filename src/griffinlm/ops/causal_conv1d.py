@@ -109,3 +109,20 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         y = F.conv1d(F.pad(x.transpose(1, 2), (W - 1, 0)), w, groups=C).transpose(1, 2)
         return y + bias.to(x.dtype) if bias is not None else y
     return causal_conv1d_reference(x, weight, bias, lags, state)
+
+
+def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
+                       slots: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """One token per row through a pool of conv states (torch ops; any dtype, compilable).
+
+    x (n, C) this step's inputs; state (N, W-1, C) the pool's last W-1 inputs per slot, rows
+    `slots` (n,) read and then overwritten in place with the shifted window; seen (n,) long the
+    inputs of the current document already seen (lag j is visible when j <= seen).
+    Returns y (n, C)."""
+    W = weight.shape[0]
+    xp = torch.cat([state.index_select(0, slots).to(x.dtype), x[:, None]], dim=1)  # (n, W, C): xp[:, W-1-j] = x_{t-j}
+    lags = torch.arange(W - 1, -1, -1, device=x.device)  # lag of each row of xp
+    visible = (lags[None, :] <= seen[:, None]).to(x.dtype)  # (n, W)
+    y = torch.einsum("nwc,wc,nw->nc", xp, weight.to(x.dtype), visible)
+    state.index_copy_(0, slots, xp[:, 1:].to(state.dtype))
+    return y + bias.to(x.dtype) if bias is not None else y

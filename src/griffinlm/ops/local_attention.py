@@ -30,6 +30,21 @@ from .attention_reference import attention_mask
 MQA_BLOCK, MHA_BLOCK = 32, 128
 
 
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q (B, H, T, hd) against k, v (B, Hkv, S, hd) with a boolean mask (B, 1, T, S) (True:
+    visible) -> (B, H, T, hd). The query heads sharing a key/value head are folded into the
+    query rows, so keys are read once per kv head, never copied per query head."""
+    B, H, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    qg = q.reshape(B, Hkv, rep * T, hd)
+    if rep > 1:
+        mask = mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
+    out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    return out.view(B, H, T, hd)
+
+
 def _expand_kv(k: torch.Tensor, rep: int) -> torch.Tensor:
     if rep == 1:
         return k

@@ -13,6 +13,7 @@ Everything is computed in float32 and the state is float32 whatever the input dt
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import scan_numba
 from .linear_scan import linear_scan
@@ -104,6 +105,11 @@ def rglru(
         raise ValueError(f"rglru: unknown impl {impl!r}; expected 'fused' or 'composed'")
     a_t, u = rglru_gates(gate_r, gate_i, x, log_a, c, reset, unscaled_reset)
     return linear_scan(a_t, u, h0)
+
+
+def log_a_from_lambda(lambda_: torch.Tensor) -> torch.Tensor:
+    """(D,) log a = log sigmoid(Lambda) = -softplus(-Lambda), in float32."""
+    return -F.softplus(-lambda_.float())
 
 
 def rglru_step(

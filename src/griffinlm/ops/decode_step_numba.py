@@ -6,12 +6,13 @@ PyTorch loses twice: `addmm` with one row runs on a single thread (19 GB/s here,
 than in arithmetic. Here each kernel splits a weight matrix's rows across all cores, dots
 every batch row against a weight row while it sits in L1, and does the block's elementwise
 work (RMSNorm, activations, the conv and RG-LRU updates, RoPE, attention over the cached
-keys) in the same call.
+keys) in the same call. Row b of a step reads and writes row `slots[b]` of the state pool and
+sits at its own position `pos[b]`, so sequences of a pool advance independently.
 
 All arrays are float32 and C-contiguous; a missing bias is an empty (0,) array; `parts` is
 the number of row chunks, one per thread (`numba.get_num_threads()`, passed in because
-reading it inside a kernel would stop numba from caching the compiled code). The
-reference is the eager step `LanguageModel._step`, which the tests compare against.
+reading it inside a kernel would stop numba from caching the compiled code). Their torch
+references and the dispatch between the two are in `ops/decode_step.py`.
 
 Activation codes (`ACTIVATIONS`): 0 identity, 1 sigmoid, 2 relu, 3 gelu (tanh), 4 gelu (erf),
 5 swish with a given beta.
@@ -120,10 +121,11 @@ def mlp_step(x, norm_w, unit_offset, eps, w_gate, b_gate, w_up, b_up, w_down, b_
 @njit(parallel=True, fastmath=FM, cache=True)
 def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv_b, conv_state,
                    gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset, h, w_out, b_out,
-                   abs_pos, doc_start, gelu_code, parts):
-    """x (B, D) += the recurrent block on RMSNorm(x), updating conv_state (B, W-1, R) and the
-    RG-LRU state h (B, R) in place. Gate weights are block-diagonal (H, bw, bw) (in, out);
-    lam is Lambda (R,); a row's document starts at doc_start[b] (reset when == abs_pos)."""
+                   slots, pos, doc_start, gelu_code, parts):
+    """x (B, D) += the recurrent block on RMSNorm(x), updating rows slots[b] of the pool's
+    conv_state (N, W-1, R) and RG-LRU state h (N, R) in place. Gate weights are block-diagonal
+    (H, bw, bw) (in, out); lam is Lambda (R,); row b is at position pos[b] of its slot, in a
+    document that starts at doc_start[b] (reset when they are equal)."""
     B = x.shape[0]
     R = w_y.shape[0]
     W = conv_w.shape[0]
@@ -140,18 +142,19 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv
     # Causal depthwise conv over [state, u]: lag W-1-j of row j is visible within the document.
     xc = np.empty((B, R), f32)
     for b in range(B):
+        sb = slots[b]
         for r in range(R):
             acc = u[b, r] * conv_w[W - 1, r]
             for j in range(W - 1):
-                if abs_pos - (W - 1 - j) >= doc_start[b]:
-                    acc += conv_state[b, j, r] * conv_w[j, r]
+                if pos[b] - (W - 1 - j) >= doc_start[b]:
+                    acc += conv_state[sb, j, r] * conv_w[j, r]
             if conv_b.shape[0] > 0:
                 acc += conv_b[r]
             xc[b, r] = acc
             for j in range(W - 2):
-                conv_state[b, j, r] = conv_state[b, j + 1, r]
+                conv_state[sb, j, r] = conv_state[sb, j + 1, r]
             if W > 1:
-                conv_state[b, W - 2, r] = u[b, r]
+                conv_state[sb, W - 2, r] = u[b, r]
     # Block-diagonal gates, then the RG-LRU update, jobs = (head, output chunk).
     split = max(1, parts // H)
     z = np.empty((B, R), f32)
@@ -171,7 +174,8 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv
                 for j in range(hi - lo):
                     acc_r[j] += xi * gr_w[hd, i, lo + j]
                     acc_i[j] += xi * gi_w[hd, i, lo + j]
-            reset = abs_pos == doc_start[b]
+            reset = pos[b] == doc_start[b]
+            sb = slots[b]
             for j in range(hi - lo):
                 r = hd * bw + lo + j
                 lv = -lam[r]  # log a = -softplus(-Lambda), torch's softplus threshold 20
@@ -185,8 +189,8 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv
                     a_t = 0.0
                     if unscaled_reset:
                         mult = 1.0
-                hn = f32(a_t * h[b, r] + xc[b, r] * gate_i * mult)
-                h[b, r] = hn
+                hn = f32(a_t * h[sb, r] + xc[b, r] * gate_i * mult)
+                h[sb, r] = hn
                 z[b, r] = hn * y[b, r]
     for c in prange(parts):
         lo, hi = _chunk(w_out.shape[0], parts, c)
@@ -196,9 +200,10 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv
 @njit(parallel=True, fastmath=FM, cache=True)
 def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o,
                    num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
-                   abs_pos, doc_start, scale, parts):
-    """x (B, D) += multi-query attention of RMSNorm(x) over the cache (B, Hkv, S, hd), into
-    which this token's key/value are written first (slot abs_pos % S for a ring, else abs_pos)."""
+                   slots, pos, doc_start, scale, parts):
+    """x (B, D) += multi-query attention of RMSNorm(x) over rows slots[b] of the pool's cache
+    (N, Hkv, S, hd), into which this token's key/value are written first (at pos[b] % S for a
+    ring, else at pos[b])."""
     B = x.shape[0]
     Hkv, S, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     rep = num_heads // Hkv
@@ -216,9 +221,10 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_
         lo, hi = _chunk(w_v.shape[0], parts, c)
         _linear_rows(n, w_v, b_v, v, False, lo, hi)
     half = rotary_dim // 2
-    slot = abs_pos % S if ring else abs_pos
     for b in range(B):
-        seg = f32(abs_pos - doc_start[b])
+        sb = slots[b]
+        at = pos[b] % S if ring else pos[b]
+        seg = f32(pos[b] - doc_start[b])
         for p in range(half):
             ang = seg * inv_freq[p]
             cs, sn = f32(math.cos(ang)), f32(math.sin(ang))
@@ -233,23 +239,25 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_
                 k[b, hh * hd + i2] = x2 * cs + x1 * sn
         for hh in range(Hkv):
             for d in range(hd):
-                k_cache[b, hh, slot, d] = k[b, hh * hd + d]
-                v_cache[b, hh, slot, d] = v[b, hh * hd + d]
+                k_cache[sb, hh, at, d] = k[b, hh * hd + d]
+                v_cache[sb, hh, at, d] = v[b, hh * hd + d]
     out = np.empty((B, num_heads * hd), f32)
-    visible = S if ring else min(abs_pos + 1, S)
     for job in prange(B * num_heads):
         b = job // num_heads
         hh = job % num_heads
         g = hh // rep
+        sb = slots[b]
+        p_b = pos[b]
+        visible = S if ring else min(p_b + 1, S)
         qh = q[b, hh * hd:(hh + 1) * hd]
         scores = np.empty(visible, f32)
         best = f32(-np.inf)
         for s in range(visible):
-            pos = abs_pos - (abs_pos - s) % S if ring else s
-            if pos < doc_start[b] or pos > abs_pos:  # also the -1 of a ring slot not written yet
+            key_pos = p_b - (p_b - s) % S if ring else s
+            if key_pos < doc_start[b] or key_pos > p_b:  # also a ring slot not written yet (< 0)
                 scores[s] = -np.inf
                 continue
-            ks = k_cache[b, g, s]
+            ks = k_cache[sb, g, s]
             acc = f32(0.0)
             for d in range(hd):
                 acc += qh[d] * ks[d]
@@ -265,7 +273,7 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_
         acc_v = np.zeros(hd, f32)
         for s in range(visible):
             p = scores[s] / total
-            vs = v_cache[b, g, s]
+            vs = v_cache[sb, g, s]
             for d in range(hd):
                 acc_v[d] += p * vs[d]
         for d in range(hd):

@@ -1,0 +1,199 @@
+"""The decoding state pool: `batch_size` independent sequence slots, each at its own position.
+
+A slot holds one sequence's whole decoding state: per recurrent block the conv's last inputs
+and the RG-LRU state (fp32), per local-attention block a ring of the last window's keys and
+values, per global-attention block keys and values up to `max_length`. For Hawk and Griffin
+that is a constant size whatever the sequence length, which is what lets one process decode
+many sequences at once. Every tensor is allocated once by `LanguageModel.init_cache` and
+updated in place; shapes never change, so a compiled step stays valid.
+
+Slot operations: `reset` (empty, position 0), `copy_` (fork a sequence, the cheap prefix
+sharing a constant-size state allows), `snapshot` / `restore` (one slot's state as a dict of
+tensors), and `save_state` / `load_state` (a snapshot in a safetensors file).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .layers import AttentionCache
+from .layers.state import SlotState
+
+SlotIndex = int | Sequence[int] | torch.Tensor
+
+
+@dataclass
+class ModelCache:
+    """Per-block state pools plus each slot's position.
+
+    Attributes:
+        blocks: one `RecurrentCache` or `AttentionCache` per residual block, dim 0 the slot.
+        positions: (N,) long, tokens already in each slot.
+        doc_start: (N,) long, position in its slot where each slot's current document starts
+            (a packed prompt may start a new document mid-slot).
+    """
+
+    blocks: list[SlotState]
+    positions: torch.Tensor
+    doc_start: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        """Number of slots N."""
+        return self.positions.shape[0]
+
+    @property
+    def capacity(self) -> int | None:
+        """Most tokens one slot can hold: the smallest global-attention cache, or None (no limit)."""
+        sizes = [c.entries for c in self.blocks if isinstance(c, AttentionCache) and not c.ring]
+        return min(sizes) if sizes else None
+
+    def nbytes(self) -> int:
+        """Bytes held by the pool's tensors."""
+        tensors = [self.positions, self.doc_start] + [t for c in self.blocks for t in c.tensors().values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # --- checks --------------------------------------------------------------------------------
+    def slot_tensor(self, slots: SlotIndex, name: str = "slots") -> torch.Tensor:
+        """`slots` as a (n,) long tensor on the pool's device after checking that they are in
+        range and distinct; a ValueError naming the problem otherwise."""
+        values = [slots] if isinstance(slots, int) else (
+            slots.reshape(-1).tolist() if isinstance(slots, torch.Tensor) else list(slots))
+        if isinstance(slots, torch.Tensor) and (slots.dtype.is_floating_point or slots.dtype == torch.bool):
+            raise ValueError(f"{name} must be integer slot indices, got dtype {slots.dtype}")
+        if not values:
+            raise ValueError(f"{name} is empty")
+        for s in values:
+            if isinstance(s, bool) or not hasattr(s, "__index__") or not 0 <= s < self.batch_size:
+                raise ValueError(f"{name}: slot index {s!r} out of range [0, {self.batch_size}) "
+                                 f"(init_cache batch_size)")
+        if len(set(values)) != len(values):
+            dup = next(s for s in values if values.count(s) > 1)
+            raise ValueError(f"{name}: slot {dup} appears more than once in one call")
+        return torch.tensor([int(s) for s in values], dtype=torch.long, device=self.positions.device)
+
+    def check_room(self, slots: torch.Tensor, new_tokens: int) -> None:
+        """ValueError if `new_tokens` more tokens in any of `slots` would overflow a global cache."""
+        cap = self.capacity
+        if cap is None:
+            return
+        reach = int(self.positions.index_select(0, slots).max()) + new_tokens
+        if reach > cap:
+            raise ValueError(f"global attention cache holds {cap} positions per slot but a slot would reach "
+                             f"{reach}; pass a larger max_length to init_cache")
+
+    # --- slot operations -------------------------------------------------------------------------
+    def reset(self, slots: SlotIndex) -> "ModelCache":
+        """Empties `slots` (state zeroed, position 0: the next token starts a new sequence)."""
+        idx = self.slot_tensor(slots)
+        for c in self.blocks:
+            for t in c.tensors().values():
+                t.index_fill_(0, idx, 0)
+        self.positions.index_fill_(0, idx, 0)
+        self.doc_start.index_fill_(0, idx, 0)
+        return self
+
+    def copy_(self, src_slot: int, dst_slots: SlotIndex) -> "ModelCache":
+        """Forks the sequence in `src_slot` into each of `dst_slots` (state and position)."""
+        src = self.slot_tensor(src_slot, "src_slot")
+        dst = self.slot_tensor(dst_slots, "dst_slots")
+        if int(src) in dst.tolist():
+            raise ValueError(f"dst_slots contains the source slot {int(src)}")
+        for t in self._all_tensors():
+            t.index_copy_(0, dst, t.index_select(0, src).expand(len(dst), *t.shape[1:]))
+        return self
+
+    def snapshot(self, slot: int) -> dict[str, torch.Tensor]:
+        """One slot's state as independent tensors: "position", "doc_start" (0-d long) and
+        "blocks.{i}.{name}" (the slot's row; a global-attention cache only up to its position)."""
+        s = int(self.slot_tensor(slot, "slot"))
+        position = int(self.positions[s])
+        out = {"position": self.positions[s].clone(), "doc_start": self.doc_start[s].clone()}
+        for i, c in enumerate(self.blocks):
+            for name, t in c.tensors().items():
+                row = t[s]
+                if isinstance(c, AttentionCache) and not c.ring:
+                    row = row[:, :position]  # (Hkv, position, hd): the filled entries only
+                out[f"blocks.{i}.{name}"] = row.clone()
+        return out
+
+    def restore(self, slot: int, snapshot: dict[str, torch.Tensor]) -> "ModelCache":
+        """Puts a `snapshot` (from this or another pool of the same model) into `slot`. Checks
+        every name, shape and dtype first, so a mismatched snapshot leaves the pool unchanged."""
+        s = int(self.slot_tensor(slot, "slot"))
+        if not isinstance(snapshot, dict):
+            raise ValueError(f"snapshot must be a dict of tensors from ModelCache.snapshot, got {type(snapshot).__name__}")
+        expected = {"position", "doc_start"} | {f"blocks.{i}.{n}" for i, c in enumerate(self.blocks) for n in c.tensors()}
+        missing, extra = sorted(expected - snapshot.keys()), sorted(snapshot.keys() - expected)
+        if missing or extra:
+            raise ValueError(f"snapshot does not match this model's cache: missing {missing}, unexpected {extra} "
+                             f"(a state from another model config?)")
+        position = snapshot["position"]
+        if position.shape != () or position.dtype != torch.long:
+            raise ValueError("snapshot['position'] must be a 0-d long tensor")
+        position = int(position)
+        writes = []
+        for i, c in enumerate(self.blocks):
+            for name, t in c.tensors().items():
+                key = f"blocks.{i}.{name}"
+                got, want = snapshot[key], t[s]
+                if isinstance(c, AttentionCache) and not c.ring:
+                    if position > want.shape[1]:
+                        raise ValueError(f"snapshot holds {position} positions but this cache's global attention "
+                                         f"holds {want.shape[1]}; pass a larger max_length to init_cache")
+                    want = want[:, :position]
+                if got.shape != want.shape:
+                    raise ValueError(f"snapshot {key} has shape {tuple(got.shape)} but this model's cache expects "
+                                     f"{tuple(want.shape)} (a state from another model config?)")
+                if got.dtype != want.dtype:
+                    raise ValueError(f"snapshot {key} has dtype {got.dtype} but this cache holds {want.dtype}")
+                writes.append((t, want, got))
+        for t, _, _ in writes:
+            t[s].zero_()
+        for _, view, got in writes:
+            view.copy_(got)
+        self.positions[s] = position
+        self.doc_start[s] = int(snapshot["doc_start"])
+        return self
+
+    def _all_tensors(self) -> list[torch.Tensor]:
+        return [self.positions, self.doc_start] + [t for c in self.blocks for t in c.tensors().values()]
+
+    def view(self, slot: int) -> "ModelCache":
+        """A one-slot pool whose tensors are views of slot `slot` (writes land in this pool)."""
+        return ModelCache([c.view(slot) for c in self.blocks], self.positions[slot:slot + 1],
+                          self.doc_start[slot:slot + 1])
+
+
+def save_state(path: str | os.PathLike, snapshot: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Writes a slot `snapshot` (`ModelCache.snapshot`) to a safetensors file, atomically (a
+    temporary file renamed into place, so a crash never leaves a half-written state)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in snapshot.items()}, tmp,
+              metadata={"format": "griffinlm-state", **(metadata or {})})
+    os.replace(tmp, path)
+
+
+def load_state(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Reads a snapshot written by `save_state` (restore it with `ModelCache.restore`)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"state file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+        state = load_file(path, device=str(device))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path} is not a readable safetensors state file ({e})") from None
+    if fmt != "griffinlm-state":
+        raise ValueError(f"{path} is a safetensors file but not a griffinlm state (format {fmt!r})")
+    return state
