@@ -3,12 +3,12 @@
 For each architecture (same width and depth, parameter counts within 10%), batch size and
 sample length L, it measures:
   - prefill tokens/s (a real prefill of B x L random tokens, where B * L <= --prefill-max-tokens),
-  - decode tokens/s and per-token latency (median, p90) over --steps one-token steps taken from a
-    cache at length L,
+  - decode tokens/s and per-token latency (median, p90) over --steps one-token steps
+    (`model.step(tokens, cache, slots)` over all B slots of the pool) taken from a cache at length L,
   - the bytes of the cache.
 Where the prefill is skipped (B * L too large for this CPU), the cache is filled synthetically to
-length L: random keys/values/states and the position set to L. A step's work does not depend on
-the values in the cache, only on its length, so the decode timings are those of a real cache.
+length L: random keys/values/states and every slot's position set to L. A step's work does not
+depend on the values in the cache, only on its length, so the decode timings are those of a real cache.
 
 Then `transformers`' RecurrentGemma against griffinlm with identical shapes and the same random
 weights (loaded through griffinlm.interop): `generate()` vs `generate()`, greedy, decode tokens/s
@@ -18,17 +18,37 @@ weights (loaded through griffinlm.interop): `generate()` vs `generate()`, greedy
 `--long N` instead runs one N-token Griffin generation (batch 1, sampling) through the same step,
 checking every logit is finite and recording the process memory as it goes.
 
-Clock: "cpu" (default) counts this process's CPU time with one thread, which other processes on
-a shared machine do not inflate; "wall" counts elapsed time.
+`--bound` instead measures how close the Griffin decode step (width --width, depth --depth: 512 and
+6 by default) comes to this machine's limits. For each batch B of --bound-batches (1 4 16 64 128),
+from a pool of B slots filled to --bound-length (256) tokens, it times `model.step` (the default
+step: fused numba kernels at B <= ops.decode_step.MAX_BATCH; and the torch-ops step, MAX_BATCH
+patched to 0) and, in the same interleaved repeats (--steps of them, median of each), two probes:
+  - GEMM: `F.linear` at M = B rows on every distinct (out, in) weight shape of the model (the
+    blocks' nn.Linear weights, the RG-LRU's block-diagonal gates as their (bw, bw) blocks and the
+    tied V x D output layer), summed with each shape's multiplicity = FLOPs / GEMM rate, where
+    FLOPs = 2 * B * (those weights' parameters);
+  - copy: `dst.copy_(src)` of a float32 buffer 4x the weights' size; bandwidth = 2 x size / time
+    (read + write counted), and the bytes term = the weights' bytes / bandwidth.
+bound = max(flops term, bytes term); it ignores attention over the cache and elementwise work.
+The tables (wall clock, --threads threads, 2 by default in this mode, numba included) give step ms,
+bound ms, % of bound (bound / step), tokens/s and the binding term; rows go to
+docs/results/decode_bound.json.
+
+Clock: "cpu" (default; --bound always uses "wall") counts this process's CPU time with one
+thread, which other processes on a shared machine do not inflate; "wall" counts elapsed time.
 
     python benchmarks/inference.py                       # full run, writes JSON, plots, BENCHMARKS.md
     python benchmarks/inference.py --quick               # small lengths, for a smoke test
     python benchmarks/inference.py --long 100000         # the long-generation check
     python benchmarks/inference.py --report-only         # re-render plots/markdown from the JSON
+    python benchmarks/inference.py --bound               # decode step vs its GEMM/bandwidth bound
+    python benchmarks/inference.py --bound --steps 5 --no-write   # a smoke test of --bound
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import copy
 import json
 import os
@@ -42,6 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")
 JSON_PATH = os.path.join(RESULTS, "inference.json")
 LONG_PATH = os.path.join(RESULTS, "inference_long.json")
+BOUND_PATH = os.path.join(RESULTS, "decode_bound.json")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PATTERNS = {"transformer": ("global_attention",), "hawk": ("recurrent",),
             "griffin": ("recurrent", "recurrent", "attention")}
@@ -59,14 +80,26 @@ def fill_cache(cache, length: int, gen) -> None:
     """Put the cache at `length` tokens with random contents (timing depends on length only)."""
     import torch
 
-    from griffinlm.layers import AttentionCache
-
     for c in cache.blocks:
-        for t in ((c.k, c.v) if isinstance(c, AttentionCache) else (c.conv, c.rnn)):
+        for t in c.tensors().values():  # RecurrentCache (conv, rnn) or AttentionCache (k, v)
             t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype))
-    cache.length = length
-    cache.position.fill_(length)
+    cache.positions.fill_(length)  # every slot holds `length` tokens of one document
     cache.doc_start.zero_()
+
+
+@contextlib.contextmanager
+def torch_ops_only(enable: bool = True):
+    """Within: every decode step as torch ops (no fused numba kernels), by setting
+    `griffinlm.ops.decode_step.MAX_BATCH` to 0; restored on exit."""
+    from griffinlm.ops import decode_step as ops_step
+
+    saved = ops_step.MAX_BATCH
+    if enable:
+        ops_step.MAX_BATCH = 0
+    try:
+        yield
+    finally:
+        ops_step.MAX_BATCH = saved
 
 
 def bench_arch(arch: str, args, now) -> list[dict]:
@@ -84,8 +117,9 @@ def bench_arch(arch: str, args, now) -> list[dict]:
         warm = model.init_cache(1, max_length=128)  # JIT kernels (numba scan) outside the timings
         model(torch.randint(0, 256, (1, 64)), cache=warm)
         for _ in range(3):
-            model.decode_step(torch.tensor([1]), warm)
+            model.step(torch.tensor([1]), warm, torch.tensor([0]))
         for B in args.batches:
+            slots = torch.arange(B)  # the step advances every slot of the pool
             caches, toks, prefills = {}, {}, {}
             for L in args.lengths:
                 cache = model.init_cache(B, max_length=L + args.warmup + args.steps)
@@ -100,7 +134,7 @@ def bench_arch(arch: str, args, now) -> list[dict]:
                     fill_cache(cache, L, gen)
                     tok = torch.randint(0, 256, (B,), generator=gen)
                 for _ in range(args.warmup):
-                    tok = model.decode_step(tok, cache).argmax(-1)
+                    tok = model.step(tok, cache, slots).argmax(-1)
                 caches[L], toks[L], prefills[L] = cache, tok, prefill
             # Steps interleaved across the lengths (one step at each length in turn), so that every
             # length sees the same machine: on a shared host the speed drifts by tens of percent.
@@ -108,7 +142,7 @@ def bench_arch(arch: str, args, now) -> list[dict]:
             for _ in range(args.steps):
                 for L in args.lengths:
                     t0 = now()
-                    toks[L] = model.decode_step(toks[L], caches[L]).argmax(-1)
+                    toks[L] = model.step(toks[L], caches[L], slots).argmax(-1)
                     times[L].append(now() - t0)
             for L in args.lengths:
                 ts = sorted(times[L])
@@ -134,10 +168,9 @@ def bench_hf(args, now) -> dict | None:
         print(f"skipping the transformers comparison: {e}", file=sys.stderr)
         return None
     hf, ours = build(seed=0)
-    eager = copy.deepcopy(ours)
-    eager.fused_cpu_decode = False  # every step as torch ops
     compiled = copy.deepcopy(ours) if args.hf_compile else None
-    contenders = {"hf": None, "ours": ours, "ours_eager": eager}
+    # "ours_eager": the same model with every step as torch ops (MAX_BATCH patched to 0 while it runs)
+    contenders = {"hf": None, "ours": ours, "ours_eager": ours}
     if compiled is not None:
         compiled.compile_decode_step()
         contenders["ours_compiled"] = compiled
@@ -150,7 +183,8 @@ def bench_hf(args, now) -> dict | None:
         def run(name, n):
             if name == "hf":
                 return hf.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return contenders[name].generate(prompt, n)
+            with torch_ops_only(name == "ours_eager"):
+                return contenders[name].generate(prompt, n)
 
         with torch.no_grad():
             want = run("hf", 16)
@@ -179,7 +213,7 @@ def rss_mb() -> float:
 
 
 def long_generation(args, now) -> dict:
-    """One long Griffin generation, batch 1, sampling at temperature 1 through decode_step."""
+    """One long Griffin generation, batch 1, sampling at temperature 1 through `model.step`."""
     import torch
 
     from griffinlm import LanguageModel
@@ -192,6 +226,7 @@ def long_generation(args, now) -> dict:
         model.compile_decode_step()
     gen = torch.Generator().manual_seed(0)
     cache = model.init_cache(1)
+    slots = torch.arange(1)
     cache_bytes = cache.nbytes()
     finite = torch.ones((), dtype=torch.bool)
     marks, t0 = [], now()
@@ -201,18 +236,198 @@ def long_generation(args, now) -> dict:
         every = max(1, args.long // 20)
         for i in range(1, args.long + 1):
             tok = sample_next(last, 1.0, gen)
-            last = model.decode_step(tok, cache)
+            last = model.step(tok, cache, slots)
             finite &= torch.isfinite(last).all()
             if i % every == 0:
                 marks.append(dict(tokens=i, rss_mb=round(rss_mb(), 1), seconds=round(now() - t0, 2),
                                   cache_bytes=cache.nbytes()))
                 print(json.dumps(marks[-1]), flush=True)
-    state_finite = all(bool(torch.isfinite(t).all()) for c in cache.blocks for t in vars(c).values()
-                       if isinstance(t, torch.Tensor))
+    state_finite = all(bool(torch.isfinite(t).all()) for c in cache.blocks for t in c.tensors().values())
     return dict(tokens=args.long, model=f"griffin, width {args.width}, depth {args.depth}, window {args.window}",
                 compiled=args.long_compile, all_logits_finite=bool(finite), state_finite=state_finite,
                 cache_bytes_start=cache_bytes, cache_bytes_end=cache.nbytes(), marks=marks,
                 tok_s=args.long / (now() - t0), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+# --- decode bound ------------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def step_weights(model) -> dict:
+    """The weight matrices one decode step reads per token: the blocks' nn.Linear weights, the
+    RG-LRU's block-diagonal gates (H blocks of (bw, bw) each) and the tied output layer (V, D).
+    Returns their (out, in) shapes with multiplicities, and parameter counts by kind."""
+    import torch
+
+    shapes: collections.Counter = collections.Counter()
+    params = {"linear": 0, "block_diagonal": 0, "output_layer": 0}
+    for mod in model.blocks.modules():
+        if isinstance(mod, torch.nn.Linear):
+            shapes[tuple(mod.weight.shape)] += 1
+            params["linear"] += mod.weight.numel()
+    for name, p in model.blocks.named_parameters():
+        if p.dim() == 3:  # (H, bw_in, bw_out): H independent (bw, bw) matmuls
+            shapes[(p.shape[2], p.shape[1])] += p.shape[0]
+            params["block_diagonal"] += p.numel()
+    shapes[tuple(model.embed.weight.shape)] += 1  # logits = x @ embed.T: (V, D)
+    params["output_layer"] = model.embed.weight.numel()
+    return dict(shapes=shapes, params=params, total=sum(params.values()),
+                element_size=model.embed.weight.element_size())
+
+
+def bench_bound(args) -> dict:
+    """Griffin's `model.step` at each batch against max(FLOPs / GEMM rate, weight bytes / copy
+    bandwidth), every quantity measured in the same interleaved repeats (median of each)."""
+    import torch
+    import torch.nn.functional as F
+
+    from griffinlm import LanguageModel
+    from griffinlm.ops import decode_step as ops_step
+
+    now = time.perf_counter  # wall clock: the bound is a rate of the whole machine (all threads)
+    torch.manual_seed(0)
+    model = LanguageModel(model_config("griffin", args)).eval()
+    w = step_weights(model)
+    weight_bytes = w["total"] * w["element_size"]
+    flops_per_token = 2 * w["total"]
+    gen = torch.Generator().manual_seed(0)
+    L, batches, paths = args.bound_length, args.bound_batches, ("default", "torch_ops")
+    # copy buffer: float32, 4x the weights' bytes, so that no cache level holds it
+    numel = 4 * weight_bytes // 4
+    src, dst = torch.ones(numel), torch.zeros(numel)
+    copy_bytes = 2 * src.numel() * src.element_size()  # read + write
+
+    caches, toks, slots = {}, {}, {}
+    probes = {}  # B -> [(x, weight, count, inner)]
+    with torch.no_grad():
+        for B in batches:
+            caches[B] = model.init_cache(B, max_length=L + 1)
+            fill_cache(caches[B], L, gen)
+            toks[B] = torch.randint(0, model.config.vocab_size, (B,), generator=gen)
+            slots[B] = torch.arange(B)
+            # warm-up: numba JIT, allocator, oneDNN primitives for these shapes
+            for path in paths:
+                with torch_ops_only(path == "torch_ops"):
+                    for _ in range(2):
+                        caches[B].positions.fill_(L)
+                        model.step(toks[B], caches[B], slots[B])
+            row = []
+            for (out_f, in_f), count in sorted(w["shapes"].items()):
+                x, wt = torch.randn(B, in_f, generator=gen), torch.randn(out_f, in_f, generator=gen)
+                once = float("inf")
+                for _ in range(3):
+                    t0 = now()
+                    F.linear(x, wt)
+                    once = min(once, now() - t0)
+                once = max(once, 1e-7)
+                row.append((x, wt, count, max(1, min(1000, int(1e-3 / once)))))  # >= ~1 ms per sample
+            probes[B] = row
+        dst.copy_(src)
+
+        def probe(B: int) -> float:
+            """Seconds of the model's GEMMs at M = B rows, each shape timed alone in F.linear."""
+            total = 0.0
+            for x, wt, count, inner in probes[B]:
+                t0 = now()
+                for _ in range(inner):
+                    F.linear(x, wt)
+                total += count * (now() - t0) / inner
+            return total
+
+        step_t = {(B, path): [] for B in batches for path in paths}
+        fused = {(B, path): 0 for B in batches for path in paths}
+        gemm_t = {B: [] for B in batches}
+        copy_t = []
+        for _ in range(args.steps):  # interleaved: every quantity sees the same machine
+            for B in batches:
+                for path in paths:
+                    with torch_ops_only(path == "torch_ops"):
+                        caches[B].positions.fill_(L)  # every repeat steps from length L
+                        calls = sum(ops_step.FUSED_CALLS.values())
+                        t0 = now()
+                        model.step(toks[B], caches[B], slots[B])
+                        step_t[B, path].append(now() - t0)
+                        fused[B, path] += sum(ops_step.FUSED_CALLS.values()) - calls
+                gemm_t[B].append(probe(B))
+            t0 = now()
+            dst.copy_(src)
+            copy_t.append(now() - t0)
+    del src, dst
+
+    med = statistics.median
+    bandwidth = copy_bytes / med(copy_t)
+    bytes_s = weight_bytes / bandwidth
+    rows = []
+    for path in paths:
+        for B in batches:
+            step_s, flops_s = med(step_t[B, path]), med(gemm_t[B])
+            bound_s = max(flops_s, bytes_s)
+            rows.append(dict(path=path, batch=B, step_ms=1e3 * step_s, bound_ms=1e3 * bound_s,
+                             pct_of_bound=100 * bound_s / step_s, tok_s=B / step_s,
+                             bound_by="flops" if flops_s >= bytes_s else "bytes",
+                             flops_ms=1e3 * flops_s, bytes_ms=1e3 * bytes_s,
+                             gemm_gflop_s=flops_per_token * B / flops_s / 1e9,
+                             fused_calls_per_step=fused[B, path] / args.steps))
+    try:
+        import numba
+
+        numba_threads = numba.get_num_threads()
+    except ImportError:  # no numba: no fused kernels, every step runs as torch ops
+        numba_threads = None
+    return dict(
+        date=time.strftime("%Y-%m-%d"), cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        cores=os.cpu_count(), threads=torch.get_num_threads(), numba_threads=numba_threads,
+        torch=torch.__version__, clock="wall", repeats=args.steps, length=L,
+        model=f"griffin, width {args.width}, depth {args.depth}, {args.width // 128} heads of 128 (MQA), "
+              f"lru {args.width}, window {args.window}, vocab {model.config.vocab_size}, float32",
+        weights=dict(params=w["params"], total_params=w["total"], bytes=weight_bytes,
+                     shapes={f"{o}x{i}": n for (o, i), n in sorted(w["shapes"].items())}),
+        flops_per_token=flops_per_token, copy_buffer_bytes=copy_bytes // 2,
+        copy_bandwidth_gb_s=bandwidth / 1e9, max_batch_fused=ops_step.MAX_BATCH,
+        conventions=("step: median wall time of one model.step(tokens, cache, slots) over all B slots, the pool at "
+                     "`length` tokens. FLOPs = 2 x B x weight parameters (the blocks' nn.Linear weights, the RG-LRU "
+                     "block-diagonal gates, the tied V x D output layer); attention over the cache and elementwise "
+                     "work are ignored. flops term = the model's GEMM shapes at M = B rows timed one by one with "
+                     "F.linear, summed with their multiplicities (= FLOPs / GEMM rate). copy bandwidth = 2 x buffer "
+                     "bytes (read + write) / time of dst.copy_(src), buffer 4x the weights; bytes term = weight "
+                     "bytes / copy bandwidth. bound = max of the two; % of bound = bound / step."),
+        rows=rows)
+
+
+def print_bound(res: dict) -> None:
+    w = res["weights"]
+    print(f"\nDecode bound: {res['model']}; pool at {res['length']} tokens per slot; {res['date']}")
+    print(f"CPU: {res['cpu']} (torch capability {res['cpu_capability']}, {res['cores']} cores); "
+          f"{res['threads']} torch thread(s), {res['numba_threads']} numba thread(s); torch {res['torch']}; "
+          f"wall clock, median of {res['repeats']} interleaved repeats")
+    print(f"weights per token: {w['total_params']:,} parameters = {w['bytes'] / 1e6:.1f} MB "
+          f"(nn.Linear {w['params']['linear']:,}, RG-LRU block-diagonal gates {w['params']['block_diagonal']:,}, "
+          f"tied output layer {w['params']['output_layer']:,}); FLOPs per token {res['flops_per_token'] / 1e6:.1f} M")
+    print(f"copy bandwidth {res['copy_bandwidth_gb_s']:.1f} GB/s (bytes moved = 2 x {res['copy_buffer_bytes'] / 1e6:.0f} MB "
+          f"buffer, read + write); bytes term = weight bytes / copy bandwidth")
+    print("flops term = the model's GEMM shapes at M = batch rows, each timed alone with F.linear (FLOPs / GEMM rate); "
+          "attention over the cache and elementwise work are ignored")
+    titles = {"default": f"default step (fused numba kernels at batch <= {res['max_batch_fused']}, torch ops above)",
+              "torch_ops": "torch-ops step (ops.decode_step.MAX_BATCH = 0)"}
+    for path, title in titles.items():
+        print(f"\n{title}\n")
+        print("| batch | step ms | bound ms | % of bound | tokens/s | bound by | flops ms | bytes ms | GEMM GFLOP/s "
+              "| fused calls/step |")
+        print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+        for r in res["rows"]:
+            if r["path"] == path:
+                print(f"| {r['batch']} | {r['step_ms']:.3f} | {r['bound_ms']:.3f} | {r['pct_of_bound']:.0f}% | "
+                      f"{r['tok_s']:,.0f} | {r['bound_by']} | {r['flops_ms']:.3f} | {r['bytes_ms']:.3f} | "
+                      f"{r['gemm_gflop_s']:.1f} | {r['fused_calls_per_step']:.0f} |")
+    print(flush=True)
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -252,28 +467,34 @@ def _fmt(x, digits=0):
     return "—" if x is None else f"{x:,.{digits}f}"
 
 
-DESIGN = """How decoding works (`griffinlm.model.ModelCache`, `griffinlm.generate`): every cache tensor is
-allocated once by `init_cache` and updated in place. A recurrent block keeps its RG-LRU state (B, D_rnn, fp32)
-and its last 3 conv inputs; a local-attention block a ring of exactly the keys one query sees (`local_window`
-slots under the paper's convention, window + 1 under RecurrentGemma's), keys stored after RoPE, written before
-the query attends; a global-attention block `max_length` preallocated slots (a ValueError past them). The
-one-token step reads its position from a tensor, so its shapes never change and `torch.compile` (CUDA graphs
-with mode="reduce-overhead") captures it once per batch size (`model.compile_decode_step()`); eager global
-attention reads only the filled prefix of its slots, the compiled step all of them, masked. Prompts of
-different lengths are left-padded, each pad its own one-token document, so the recurrence resets and conv and
-attention are masked at each row's first real token."""
+DESIGN = """How decoding works (`griffinlm.cache.ModelCache`, `griffinlm.generate`): `init_cache(N)` allocates a
+pool of N independent sequence slots once, every tensor with the slot as dim 0 and updated in place; each slot
+keeps its own position (`cache.positions`) and document start. Per slot, a recurrent block keeps its RG-LRU state
+(D_rnn, fp32) and its last 3 conv inputs; a local-attention block a ring of exactly the keys one query sees
+(`local_window` entries under the paper's convention, window + 1 under RecurrentGemma's), keys stored after RoPE,
+written before the query attends; a global-attention block `max_length` preallocated entries (a ValueError past
+them). `model.step(tokens, cache, slots)` is the one decoding step: it advances any distinct slots by one token
+each, every slot from its own position (generation steps only the rows still running); `model.prefill(tokens,
+cache, slot)` appends a prompt to one slot, and `model(tokens, cache=cache)` prefills every slot in one batch
+when they share a position. The step reads positions from tensors, so its shapes never change and
+`torch.compile` (CUDA graphs with mode="reduce-overhead") captures it once per number of rows
+(`model.compile_decode_step()`); eager global attention reads only the filled prefix of its entries, the
+compiled step all of them, masked. Prompts of different lengths each prefill their own slot: no padding."""
 
 
-HF_NOTE = """The default step (`model.decode_step`) runs, on CPU in float32 at batch <= 8, the fused numba kernels of
-`griffinlm/ops/decode_numba.py`: one kernel per block half that splits each weight matrix's rows across the
-cores and does the block's elementwise work in the same pass. At batch 1 a step is bound by reading the
+HF_NOTE = """The default step (`model.step`) runs, on CPU in float32 at <= 8 rows (`griffinlm.ops.decode_step.MAX_BATCH`),
+the fused numba kernels of `griffinlm/ops/decode_step.py` (kernels in `decode_step_numba.py`): one op per block
+half that splits each weight matrix's rows across the cores and does the block's elementwise work in the same
+pass, reading and writing the stepped slots' rows of the pool in place; "torch ops only" is the same model with
+`MAX_BATCH` patched to 0. At batch 1 a step is bound by reading the
 model's 77 MB of fp32 weights once: eager PyTorch's one-row `addmm` uses one core (about 19 GB/s here) and its
 ~100 small ops per block cost more in dispatch than in arithmetic, which is why eager steps (ours with torch ops
 only, and `transformers`') run at about the same speed. At batch 16 the step is bound by matmul arithmetic:
-both implementations run PyTorch's GEMMs and are level; the fused kernels stop at batch 8, where they were still
+both implementations run PyTorch's GEMMs and are level; the fused kernels stop at 8 rows, where they were still
 1.4x faster than the torch-ops step (equal at 16). The batch-1 ratio moves with the shared host's speed: five
-full runs on 2026-11-29 gave 2.4x (before the per-token overhead of the fused path was cut from ~0.9 to ~0.45 ms),
-then 3.2x, 4.0x, 5.5x and 3.5x; `benchmarks/peer_hf.py` measured 3.7x and 3.8x."""
+full runs on 2026-11-29 (before the slot pool) gave 2.4x (before the per-token overhead of the fused path was
+cut from ~0.9 to ~0.45 ms), then 3.2x, 4.0x, 5.5x and 3.5x; `benchmarks/peer_hf.py` measured 3.7x and 3.8x.
+`python benchmarks/inference.py --bound` measures the step against its GEMM and memory-bandwidth bound."""
 
 
 def markdown(results: dict, long: dict | None) -> str:
@@ -281,7 +502,7 @@ def markdown(results: dict, long: dict | None) -> str:
     lines = ["## Inference", "",
              f"`python benchmarks/inference.py` ({results['date']}; {results['machine']}; torch {results['torch']}; "
              f"fp32; {results['threads']} thread(s), {results['clock']} clock; decode step "
-             f"{'compiled' if results['compile'] else 'default: fused CPU kernels at batch <= 8, torch ops above'}). "
+             f"{'compiled' if results['compile'] else '`model.step`, default: fused CPU kernels at batch <= 8, torch ops above'}). "
              f"Models: {results['model']}; non-embedding parameters "
              + ", ".join(f"{a} {n / 1e6:.2f}M" for a, n in results["params"].items())
              + f". Decode: {results['steps']} timed one-token steps (after {results['warmup']} warm-up steps) from a "
@@ -363,8 +584,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--prefill-max-tokens", type=int, default=16384)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--clock", choices=list(CLOCKS), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1; 2 with --bound)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="cpu", help="ignored by --bound (wall clock)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--hf-prompt", type=int, default=256)
@@ -376,19 +597,33 @@ def main(argv=None) -> int:
     p.add_argument("--long-width", type=int, default=256, help="width of the --long model (depth --depth)")
     p.add_argument("--long-compile", action="store_true",
                    help="torch.compile the --long decode step (default: the default step, fused kernels on CPU)")
+    p.add_argument("--bound", action="store_true",
+                   help="run the Griffin decode-step vs GEMM/bandwidth bound tables instead (see the docstring)")
+    p.add_argument("--bound-batches", type=int, nargs="+", default=[1, 4, 16, 64, 128])
+    p.add_argument("--bound-length", type=int, default=256, help="tokens in each slot of the --bound pool")
     p.add_argument("--quick", action="store_true", help="lengths 64 256, 6 steps, small HF run")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--no-write", action="store_true", help="print, do not write JSON/plots/BENCHMARKS.md")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.steps, args.warmup, args.hf_tokens, args.repeats = [64, 256], 6, 1, 8, 1
-    if args.threads == 1:
-        os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    if args.threads is None:
+        args.threads = 2 if args.bound else 1
+    if args.threads == 1 or args.bound:  # --bound: the fused kernels get the same threads as torch
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, min(args.threads, os.cpu_count() or 1))))
     import torch
 
     torch.set_num_threads(args.threads)
     now = CLOCKS[args.clock]
     os.makedirs(RESULTS, exist_ok=True)
+    if args.bound:
+        res = bench_bound(args)
+        print_bound(res)
+        if not args.no_write:
+            with open(BOUND_PATH, "w") as f:
+                json.dump(res, f, indent=1)
+            print(f"wrote {os.path.relpath(BOUND_PATH, ROOT)}")
+        return 0
     if args.long:
         res = long_generation(args, now)
         print(json.dumps({k: v for k, v in res.items() if k != "marks"}))

@@ -1,10 +1,12 @@
-"""The fused numba decoding step (decode_cpu.py, ops/decode_numba.py) against the eager step."""
+"""The fused numba decoding ops (ops/decode_step.py, ops/decode_step_numba.py) against their
+torch references, through `LanguageModel.step` over shuffled slots."""
+from collections import Counter
+
 import pytest
 import torch
 
 from griffinlm import LanguageModel, ModelConfig
-from griffinlm.decode_cpu import MAX_BATCH, CPUDecoder
-from griffinlm.ops import scan_numba
+from griffinlm.ops import decode_step, scan_numba
 
 needs_numba = pytest.mark.skipif(not scan_numba.available(), reason="numba not installed")
 
@@ -39,31 +41,39 @@ def make_model(cfg: ModelConfig, seed: int = 0) -> LanguageModel:
 
 
 def cache_tensors(cache):
-    out = [cache.position, cache.doc_start]
-    for c in cache.blocks:
-        out += [t for t in vars(c).values() if isinstance(t, torch.Tensor)]
-    return out
+    return [cache.positions, cache.doc_start] + [t for c in cache.blocks for t in c.tensors().values()]
 
 
-def run_both(model, prompts, seg, steps, max_length=None):
-    """Decode `steps` tokens with the fused and the eager step from the same prefill; returns the
-    largest logit difference relative to the logits' scale, and both caches."""
+def kernel_calls_per_step(model) -> Counter:
+    kinds = Counter("recurrent_step" if b.kind == "recurrent" else "attention_step" for b in model.blocks)
+    return kinds + Counter(mlp_step=len(model.blocks), logits_step=1)
+
+
+def run_both(model, prompts, seg, steps, max_length=None, monkeypatch=None):
+    """Decode `steps` tokens with the fused ops and with their torch references from the same
+    prefill, the slots in a shuffled order each step; returns the largest logit difference
+    relative to the logits' scale, and both caches. Asserts the kernels ran on every step."""
     B = prompts.shape[0]
     caches = [model.init_cache(B, max_length=max_length or prompts.shape[1] + steps + 1) for _ in range(2)]
     worst = 0.0
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for c in caches:
             model(prompts, cache=c, segment_pos=seg)
-        nxt = torch.randint(0, model.config.vocab_size, (B,), generator=torch.Generator().manual_seed(1))
+        nxt = torch.randint(0, model.config.vocab_size, (B,), generator=g)
         for _ in range(steps):
-            model.fused_cpu_decode = True
-            fused = model.decode_step(nxt, caches[0])
-            model.fused_cpu_decode = False
-            eager = model.decode_step(nxt, caches[1])
-            assert fused.shape == eager.shape == (B, model.config.vocab_size)
-            worst = max(worst, ((fused - eager).abs().max() / eager.abs().max()).item())
-            nxt = eager.argmax(-1)
-    model.fused_cpu_decode = True
+            slots = torch.randperm(B, generator=g)
+            before = Counter(decode_step.FUSED_CALLS)
+            fused = model.step(nxt[slots], caches[0], slots)
+            assert Counter(decode_step.FUSED_CALLS) - before == kernel_calls_per_step(model)
+            before = Counter(decode_step.FUSED_CALLS)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(decode_step, "MAX_BATCH", 0)  # every op through its torch reference
+                ref = model.step(nxt[slots], caches[1], slots)
+            assert Counter(decode_step.FUSED_CALLS) == before
+            assert fused.shape == ref.shape == (B, model.config.vocab_size)
+            worst = max(worst, ((fused - ref).abs().max() / ref.abs().max()).item())
+            nxt = torch.empty_like(nxt).index_copy_(0, slots, ref.argmax(-1))
     return worst, caches
 
 
@@ -81,7 +91,6 @@ def test_fused_step_equals_eager_step(name):
     seg[1, :3] = 0
     worst, (c_fused, c_eager) = run_both(model, prompts, seg, steps=14)  # the ring of 8 wraps
     assert worst < 1e-5, worst
-    assert c_fused.length == c_eager.length
     for a, b in zip(cache_tensors(c_fused), cache_tensors(c_eager)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -104,14 +113,40 @@ def test_global_attention_reads_only_written_slots():
 
 
 @needs_numba
-def test_greedy_generation_identical_to_eager():
+def test_slots_at_different_positions_in_one_fused_step():
+    """Rows of one step at their own positions (staggered prefills), fused vs references."""
+    cfg = CONFIGS["griffin"]
+    model = make_model(cfg, seed=8)
+    caches = [model.init_cache(5, max_length=64) for _ in range(2)]
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for slot, n in ((0, 3), (1, 11), (3, 6), (4, 1)):  # slot 2 stays empty until later
+            toks = torch.randint(0, cfg.vocab_size, (n,), generator=g)
+            for c in caches:
+                model.prefill(toks, c, slot)
+        for i in range(12):
+            slots = torch.tensor([4, 0, 3, 1] if i < 5 else [2, 4, 1, 0, 3])
+            toks = torch.randint(0, cfg.vocab_size, (len(slots),), generator=g)
+            fused = model.step(toks, caches[0], slots)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(decode_step, "MAX_BATCH", 0)
+                ref = model.step(toks, caches[1], slots)
+            torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    for a, b in zip(cache_tensors(caches[0]), cache_tensors(caches[1])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_numba
+def test_greedy_generation_identical_to_reference(monkeypatch):
     cfg = CONFIGS["recurrentgemma-like"]
     model = make_model(cfg, seed=5)
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    before = decode_step.FUSED_CALLS["recurrent_step"]
     fused = model.generate(prompts, 24)
-    model.fused_cpu_decode = False
-    eager = model.generate(prompts, 24)
-    for a, b in zip(fused, eager):
+    assert decode_step.FUSED_CALLS["recurrent_step"] > before
+    monkeypatch.setattr(decode_step, "MAX_BATCH", 0)
+    reference = model.generate(prompts, 24)
+    for a, b in zip(fused, reference):
         assert torch.equal(a, b)
 
 
@@ -138,22 +173,22 @@ def test_sees_in_place_weight_updates_and_replaced_parameters():
 
 
 @needs_numba
-def test_falls_back_to_eager_where_it_does_not_apply():
+def test_falls_back_to_the_references_where_it_does_not_apply():
     cfg = CONFIGS["griffin"]
     model = make_model(cfg)
-    cache = model.init_cache(1)
+    cache = model.init_cache(decode_step.MAX_BATCH + 1)
+    slots = torch.arange(decode_step.MAX_BATCH + 1)
+    toks = torch.ones(len(slots), dtype=torch.long)
+    before = sum(decode_step.FUSED_CALLS.values())
     with torch.no_grad():
-        model(torch.tensor([[1, 2]]), cache=cache)
-        assert CPUDecoder.supports(model, cache)
-        assert not CPUDecoder.supports(model, model.init_cache(MAX_BATCH + 1))
-    assert not CPUDecoder.supports(model, cache)  # autograd on: the eager step keeps the graph
-    logits = model.decode_step(torch.tensor([3]), cache)
-    assert logits.requires_grad
+        model.step(toks, cache, slots)  # too many rows for the weight-streaming kernels
+    assert sum(decode_step.FUSED_CALLS.values()) == before
+    logits = model.step(toks[:1], cache, [0])  # autograd on: the references keep the graph
+    assert logits.requires_grad and sum(decode_step.FUSED_CALLS.values()) == before
     with torch.no_grad():
         model64 = make_model(cfg).double()
-        c64 = model64.init_cache(1)
-        assert not CPUDecoder.supports(model64, c64)
-        assert model64.decode_step(torch.tensor([3]), c64).dtype == torch.float64
+        assert model64.step(torch.tensor([3]), model64.init_cache(1), [0]).dtype == torch.float64
+    assert sum(decode_step.FUSED_CALLS.values()) == before
 
 
 def test_without_numba_decoding_and_fused_ops_use_torch(monkeypatch):
@@ -172,8 +207,9 @@ def test_without_numba_decoding_and_fused_ops_use_torch(monkeypatch):
     cfg = CONFIGS["griffin"]
     model = make_model(cfg, seed=7)
     prompts = torch.randint(0, cfg.vocab_size, (2, 6))
-    out = model.generate(prompts, 8)  # decode_step -> eager; norms and GeGLU -> torch compositions
+    before = sum(decode_step.FUSED_CALLS.values())
+    out = model.generate(prompts, 8)  # the step's ops -> references; norms and GeGLU -> torch compositions
     assert out.shape == (2, 14)
-    assert model.__dict__["_cpu_decoder"].eligible is False
+    assert sum(decode_step.FUSED_CALLS.values()) == before
     loss = model(prompts).logsumexp(-1).mean()
     loss.backward()  # training path without numba

@@ -1,9 +1,9 @@
-"""Generation: padded batches, chunked prefill, stop tokens, sampling, streaming, cache limits."""
+"""Generation: prompts of different lengths, chunked prefill, stop tokens, sampling, streaming, cache limits."""
 import pytest
 import torch
 
 from griffinlm import LanguageModel, ModelConfig
-from griffinlm.generate import check_sampling, filter_logits, pad_prompts
+from griffinlm.generate import check_sampling, filter_logits
 
 ARCHS = ["transformer", "hawk", "griffin"]
 
@@ -19,29 +19,29 @@ def prompts(lengths, seed=1):
     return [torch.randint(0, 256, (n,), generator=g) for n in lengths]
 
 
+def left_pad(rows, pad_id):
+    """Left-padded (B, T) tokens, segment positions (0 on every pad: each is its own document)."""
+    T = max(len(r) for r in rows)
+    tokens = torch.stack([torch.cat([r.new_full((T - len(r),), pad_id), r]) for r in rows])
+    seg = torch.stack([(torch.arange(T) - (T - len(r))).clamp(min=0) for r in rows])
+    return tokens, seg
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_padded_batch_equals_each_row_alone(arch):
+def test_prompts_of_different_lengths_equal_each_row_alone(arch):
     m = small(arch).double()
     rows = prompts([9, 3, 14, 1])
-    tokens, seg, lengths = pad_prompts(rows, pad_id=258)
-    cache = m.init_cache(len(rows), max_length=tokens.shape[1] + 6)
-    logits, cache = m(tokens, cache=cache, segment_pos=seg)
-    nxt = logits[:, -1].argmax(-1)
-    steps = [logits[:, -1]]
-    for _ in range(5):
-        last = m.decode_step(nxt, cache)
-        steps.append(last)
-        nxt = last.argmax(-1)
+    # Left padding with document resets still isolates each row (the packed-documents path).
+    tokens, seg = left_pad(rows, 258)
+    logits = m(tokens, segment_pos=seg)
     for b, r in enumerate(rows):
-        alone = m(r[None])[0]
-        T = tokens.shape[1]
-        torch.testing.assert_close(logits[b, T - len(r):], alone, rtol=1e-5, atol=1e-5)
-        ref = m.generate(r[None], 6)[0]
-        gen_logits = m(ref[None])[0, len(r) - 1:-1]
-        torch.testing.assert_close(torch.stack([s[b] for s in steps]), gen_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[b, tokens.shape[1] - len(r):], m(r[None])[0], rtol=1e-9, atol=1e-9)
+    # The generation loop needs no padding: each prompt prefills its own slot.
     batched = m.generate(rows, 12, pad_id=258)
     for r, got in zip(rows, batched):
         assert torch.equal(got, m.generate(r[None], 12)[0])
+        gen_logits = m(got[None])[0, len(r) - 1:-1]
+        assert torch.equal(gen_logits.argmax(-1), got[len(r):])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -57,56 +57,43 @@ def test_chunked_prefill_equals_one_prefill(arch):
         out, chunked = m(x[:, a:b], cache=chunked, segment_pos=seg[:, a:b])
         parts.append(out)
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-6, atol=1e-6)
-    assert chunked.length == one.length == 31
+    assert chunked.positions.tolist() == one.positions.tolist() == [31, 31]
     for c1, c2 in zip(one.blocks, chunked.blocks):
         for name, t in vars(c1).items():
             if isinstance(t, torch.Tensor):
                 torch.testing.assert_close(getattr(c2, name), t, rtol=1e-6, atol=1e-6)
     nxt = torch.tensor([5, 7])
-    torch.testing.assert_close(m.decode_step(nxt, chunked), m.decode_step(nxt, one), rtol=1e-6, atol=1e-6)
+    slots = torch.arange(2)
+    torch.testing.assert_close(m.step(nxt, chunked, slots), m.step(nxt, one, slots), rtol=1e-6, atol=1e-6)
 
 
 def test_local_ring_holds_exactly_the_visible_keys():
     # Paper convention: a query sees local_window keys (itself included) -> local_window slots.
     m = small("griffin")
-    assert [c.slots for c in m.init_cache(1).blocks if hasattr(c, "ring")] == [6]
+    assert [c.entries for c in m.init_cache(1).blocks if hasattr(c, "ring")] == [6]
     # RecurrentGemma's convention: itself + local_window previous keys -> local_window + 1 slots.
     m = small("griffin", window_includes_current=False)
-    assert [c.slots for c in m.init_cache(1).blocks if hasattr(c, "ring")] == [7]
+    assert [c.entries for c in m.init_cache(1).blocks if hasattr(c, "ring")] == [7]
     cache = m.init_cache(2)
     size = cache.nbytes()
     m(torch.randint(0, 256, (2, 40)), cache=cache)
-    m.decode_step(torch.tensor([1, 2]), cache)
+    m.step(torch.tensor([1, 2]), cache, [1, 0])
     assert cache.nbytes() == size
 
 
 def test_static_step_equals_eager_sliced_step():
-    # The compiled step attends over every global slot (static shapes); eager slices the filled prefix.
+    # The compiled step attends over every global entry of gathered rows (static shapes);
+    # eager slices the filled prefix and reads the whole pool in place.
     m = small("transformer").double()
     x = torch.randint(0, 256, (2, 9))
     a, b = m.init_cache(2, max_length=20), m.init_cache(2, max_length=20)
     m(x, cache=a)
     m(x, cache=b)
-    tok = torch.tensor([[3], [4]])
-    eager = m._step(tok, a, None, a.length)
-    static = m._step(tok, b, None, None)
+    tok, slots = torch.tensor([3, 4]), torch.arange(2)
+    eager = m.step(tok, a, slots)  # keys=10 (9 filled entries + this token's), whole pool in place
+    static = m._step(tok, b, slots)
     torch.testing.assert_close(static, eager, rtol=1e-9, atol=1e-9)
-    assert int(a.position) == int(b.position) == 10
-
-
-def test_cache_reorder_and_clone():
-    m = small("griffin").double()
-    x = torch.randint(0, 256, (3, 10))
-    cache = m.init_cache(3, max_length=16)
-    m(x, cache=cache)
-    copy = cache.clone()
-    tok = torch.tensor([1, 2, 3])
-    want = m.decode_step(tok, cache)
-    index = torch.tensor([2, 0, 1])
-    got = m.decode_step(tok[index], copy.reorder(index))
-    torch.testing.assert_close(got, want[index], rtol=1e-9, atol=1e-9)
-    sub = cache.clone().reorder(torch.tensor([1]))  # fewer rows: a new, smaller cache
-    assert sub.batch_size == 1 and cache.batch_size == 3
+    assert a.positions.tolist() == b.positions.tolist() == [10, 10]
 
 
 def test_stop_tokens_end_only_their_row():
@@ -179,8 +166,8 @@ def test_stream_yields_the_tokens_of_generate(arch):
 def test_tensor_with_prompt_lengths_equals_list_of_prompts():
     m = small("griffin")
     rows = prompts([4, 10])
-    tokens, _, lengths = pad_prompts(rows, pad_id=0)
-    out = m.generate(tokens, 8, prompt_lengths=lengths)
+    tokens, _ = left_pad(rows, 0)
+    out = m.generate(tokens, 8, prompt_lengths=[4, 10])
     ref = m.generate(rows, 8)
     for b, r in enumerate(ref):
         assert torch.equal(out[b, tokens.shape[1] - len(rows[b]):], r)
@@ -190,13 +177,15 @@ def test_global_cache_limit_raises_a_clear_error():
     m = small("transformer")
     cache = m.init_cache(1, max_length=8)
     m(torch.randint(0, 256, (1, 6)), cache=cache)
-    m.decode_step(torch.tensor([1]), cache)
+    m.step(torch.tensor([1]), cache, [0])
     m(torch.tensor([[2]]), cache=cache)
     with pytest.raises(ValueError, match="global attention cache holds 8 positions.*max_length"):
-        m.decode_step(torch.tensor([1]), cache)
+        m.step(torch.tensor([1]), cache, [0])
     with pytest.raises(ValueError, match="holds 8 positions"):
         m(torch.tensor([[1, 2]]), cache=cache)
-    assert cache.length == 8  # a refused call leaves the cache as it was
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        m.prefill(torch.tensor([1]), cache, 0)
+    assert cache.positions.tolist() == [8]  # a refused call leaves the cache as it was
     with pytest.raises(ValueError, match="holds 4 positions"):
         m(torch.randint(0, 256, (1, 5)), cache=m.init_cache(1, max_length=4))
     # Recurrent and local-attention caches have no limit.

@@ -40,6 +40,10 @@ class ModelCache:
     positions: torch.Tensor
     doc_start: torch.Tensor
 
+    def __post_init__(self) -> None:
+        sizes = [c.entries for c in self.blocks if isinstance(c, AttentionCache) and not c.ring]
+        self._capacity = min(sizes) if sizes else None  # shapes never change
+
     @property
     def batch_size(self) -> int:
         """Number of slots N."""
@@ -48,8 +52,7 @@ class ModelCache:
     @property
     def capacity(self) -> int | None:
         """Most tokens one slot can hold: the smallest global-attention cache, or None (no limit)."""
-        sizes = [c.entries for c in self.blocks if isinstance(c, AttentionCache) and not c.ring]
-        return min(sizes) if sizes else None
+        return self._capacity
 
     def nbytes(self) -> int:
         """Bytes held by the pool's tensors."""
@@ -57,13 +60,14 @@ class ModelCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # --- checks --------------------------------------------------------------------------------
-    def slot_tensor(self, slots: SlotIndex, name: str = "slots") -> torch.Tensor:
-        """`slots` as a (n,) long tensor on the pool's device after checking that they are in
-        range and distinct; a ValueError naming the problem otherwise."""
-        values = [slots] if isinstance(slots, int) else (
-            slots.reshape(-1).tolist() if isinstance(slots, torch.Tensor) else list(slots))
-        if isinstance(slots, torch.Tensor) and (slots.dtype.is_floating_point or slots.dtype == torch.bool):
-            raise ValueError(f"{name} must be integer slot indices, got dtype {slots.dtype}")
+    def check_slots(self, slots: SlotIndex, name: str = "slots") -> tuple[torch.Tensor, list[int]]:
+        """`slots` as a (n,) long tensor on the pool's device and as a list, after checking that
+        they are in range and distinct; a ValueError naming the problem otherwise."""
+        is_tensor = isinstance(slots, torch.Tensor)
+        if is_tensor and (slots.dtype.is_floating_point or slots.dtype == torch.bool or slots.dim() > 1):
+            raise ValueError(f"{name} must be a 1-D tensor of integer slot indices, got {slots.dtype} "
+                             f"{tuple(slots.shape)}")
+        values = [slots] if isinstance(slots, int) else (slots.reshape(-1).tolist() if is_tensor else list(slots))
         if not values:
             raise ValueError(f"{name} is empty")
         for s in values:
@@ -73,17 +77,26 @@ class ModelCache:
         if len(set(values)) != len(values):
             dup = next(s for s in values if values.count(s) > 1)
             raise ValueError(f"{name}: slot {dup} appears more than once in one call")
-        return torch.tensor([int(s) for s in values], dtype=torch.long, device=self.positions.device)
+        device = self.positions.device
+        if is_tensor and slots.dtype == torch.long and slots.device == device and slots.dim() == 1:
+            return slots, values
+        return torch.tensor([int(s) for s in values], dtype=torch.long, device=device), values
 
-    def check_room(self, slots: torch.Tensor, new_tokens: int) -> None:
-        """ValueError if `new_tokens` more tokens in any of `slots` would overflow a global cache."""
-        cap = self.capacity
+    def slot_tensor(self, slots: SlotIndex, name: str = "slots") -> torch.Tensor:
+        """`slots` checked (`check_slots`) as a (n,) long tensor."""
+        return self.check_slots(slots, name)[0]
+
+    def check_room(self, slots: torch.Tensor, new_tokens: int) -> int | None:
+        """ValueError if `new_tokens` more tokens in any of `slots` would overflow a global cache;
+        else the most positions any of them then holds (None without global attention)."""
+        cap = self._capacity
         if cap is None:
-            return
+            return None
         reach = int(self.positions.index_select(0, slots).max()) + new_tokens
         if reach > cap:
             raise ValueError(f"global attention cache holds {cap} positions per slot but a slot would reach "
                              f"{reach}; pass a larger max_length to init_cache")
+        return reach
 
     # --- slot operations -------------------------------------------------------------------------
     def reset(self, slots: SlotIndex) -> "ModelCache":

@@ -17,7 +17,7 @@ from .cache import ModelCache, SlotIndex
 from .config import ModelConfig
 from .generate import GenerationMixin
 from .layers import Positions, ResidualBlock, RMSNorm
-from .ops.decode_step import logits_reference, logits_step
+from .ops.decode_step import KernelViews, StepRows, logits_reference, logits_step
 
 
 def embed_multiplier(cfg: ModelConfig) -> float:
@@ -46,6 +46,7 @@ class LanguageModel(nn.Module, GenerationMixin):
         self.final_norm = RMSNorm(config.width, config.norm_eps, config.norm_unit_offset)
         self.embed_multiplier = embed_multiplier(config)
         self.gradient_checkpointing = False
+        self.step_views = KernelViews()  # memo of the fused output layer's weight views
         self.reset_parameters()
 
     # --- initialisation ----------------------------------------------------------------
@@ -152,9 +153,9 @@ class LanguageModel(nn.Module, GenerationMixin):
         if cache.batch_size != B:
             raise ValueError(f"cache was made for batch size {cache.batch_size} but tokens have batch size {B}")
         slots = torch.arange(B, device=cache.positions.device)
-        cache.check_room(slots, T)
+        keys = cache.check_room(slots, T)
         if T == 1:
-            return self._step(tokens[:, 0], cache, slots, *self._step_bounds(cache, slots),
+            return self._step(tokens[:, 0], cache, slots, keys, True,
                               segment_pos=None if segment_pos is None else segment_pos[:, 0])[:, None], cache
         offsets = cache.positions.tolist()
         if len(set(offsets)) == 1:  # every slot at one position: one batched chunk
@@ -185,9 +186,11 @@ class LanguageModel(nn.Module, GenerationMixin):
         return logits
 
     # --- the slot API: prefill one slot, step any slots ------------------------------------------
-    def prefill(self, tokens: torch.Tensor, cache: ModelCache, slot: int, *, last_only: bool = False) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, cache: ModelCache, slot: int, *, last_only: bool = False,
+                segment_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Appends tokens (T,) long to slot `slot` from its current state (a reset or fresh slot
-        starts a new sequence; chunked prefill is a loop of calls).
+        starts a new sequence; chunked prefill is a loop of calls). `segment_pos` (T,) long
+        optionally packs documents: a 0 starts a new one within the slot.
 
         Returns logits (T, vocab_size), or with `last_only` the last position's (vocab_size,).
         A ValueError (bad ids, slot, or too little room) leaves the pool unchanged."""
@@ -195,8 +198,14 @@ class LanguageModel(nn.Module, GenerationMixin):
         self._check_cache(cache)
         index = cache.slot_tensor(slot, "slot")
         cache.check_room(index, tokens.shape[0])
+        if segment_pos is not None:
+            if segment_pos.shape != tokens.shape:
+                raise ValueError(f"segment_pos must have the tokens' shape {tuple(tokens.shape)}, "
+                                 f"got {tuple(segment_pos.shape)}")
+            segment_pos = segment_pos.to(cache.positions.device).long()[None]
         s = int(index)
-        logits = self._chunk(tokens[None].to(cache.positions.device), cache.view(s), int(cache.positions[s]), None)[0]
+        logits = self._chunk(tokens[None].to(cache.positions.device), cache.view(s), int(cache.positions[s]),
+                             segment_pos)[0]
         return logits[-1] if last_only else logits
 
     def step(self, tokens: torch.Tensor, cache: ModelCache, slots: SlotIndex) -> torch.Tensor:
@@ -207,24 +216,15 @@ class LanguageModel(nn.Module, GenerationMixin):
         ids or slots, or a global-attention slot at max_length) leaves the pool unchanged."""
         self._check_ids(tokens, "n")
         self._check_cache(cache)
-        index = cache.slot_tensor(slots)
-        if index.shape != tokens.shape:
-            raise ValueError(f"tokens {tuple(tokens.shape)} and slots {tuple(index.shape)} must have one entry per slot")
-        cache.check_room(index, 1)
+        index, values = cache.check_slots(slots)
+        if len(values) != tokens.numel():
+            raise ValueError(f"tokens {tuple(tokens.shape)} and slots ({len(values)},) must have one entry per slot")
+        keys = cache.check_room(index, 1)  # eager: global attention reads only the filled prefix
+        tokens = tokens.to(cache.positions.device)
         compiled = self.__dict__.get("_compiled_step")
         if compiled is not None:
-            return compiled(tokens.to(cache.positions.device), cache, index)
-        return self._step(tokens.to(cache.positions.device), cache, index, *self._step_bounds(cache, index))
-
-    def _step_bounds(self, cache: ModelCache, slots: torch.Tensor) -> tuple[int | None, bool]:
-        """Eager-only hints for `_step`: the filled prefix of global caches (python int) and
-        whether `slots` is the whole pool in order (read without gathering rows)."""
-        keys = None
-        if cache.capacity is not None:
-            keys = min(cache.capacity, int(cache.positions.index_select(0, slots).max()) + 1)
-        whole = slots.shape[0] == cache.batch_size and bool(
-            (slots == torch.arange(cache.batch_size, device=slots.device)).all())
-        return keys, whole
+            return compiled(tokens, cache, index)
+        return self._step(tokens, cache, index, keys, values == list(range(cache.batch_size)))
 
     def _step(self, tokens: torch.Tensor, cache: ModelCache, slots: torch.Tensor, keys: int | None = None,
               whole: bool = False, segment_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,9 +237,11 @@ class LanguageModel(nn.Module, GenerationMixin):
         else:
             doc_start = (pos - segment_pos).clamp(min=0)
         x = self._embed(tokens)  # (n, D)
+        rows = StepRows.make(x, slots, pos, doc_start, keys, whole)
         for block, state in zip(self.blocks, cache.blocks):
-            x = block.step(x, state, slots, pos, doc_start, keys, whole)
-        logits = logits_step(x, self.final_norm.op_args(), self.embed.weight, self.config.logits_soft_cap)
+            x = block.step(x, state, rows)
+        logits = logits_step(x, self.final_norm.op_args(), self.embed.weight, self.config.logits_soft_cap,
+                             rows, self.step_views)
         cache.positions.index_copy_(0, slots, pos + 1)
         cache.doc_start.index_copy_(0, slots, doc_start)
         return logits

@@ -1,8 +1,10 @@
 """Inference: loading a checkpoint for generation, streaming text, and the `generate` command.
 
-The decoding engine itself is `LanguageModel.decode_step` (static-shape one-token step over
-the caches of `griffinlm.model`) driven by `griffinlm.generate.GenerationMixin`.
+`stream_text` / `generate_text` are the one text-generation loop (used by `griffinlm generate`
+and by the training run's sample): prompt text in, continuation text out, with EOS and stop
+strings. The decoding itself is `LanguageModel.generate_stream` (`griffinlm.generate`): each
+prompt prefills its own cache slot, then one token per step.
 """
-from .text import TextStreamer, load_for_inference, stream_text
+from .text import StopStrings, TextStreamer, check_stop, generate_text, load_for_inference, stream_text
 
-__all__ = ["TextStreamer", "load_for_inference", "stream_text"]
+__all__ = ["StopStrings", "TextStreamer", "check_stop", "generate_text", "load_for_inference", "stream_text"]

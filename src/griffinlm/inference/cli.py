@@ -20,6 +20,10 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-bos", action="store_true", help="do not start the prompt with BOS")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    p.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="stop string (repeatable): generation ends as soon as the generated text contains it; "
+                        "the stop string and what follows are not printed. Literal text: for a newline in "
+                        "bash write --stop $'\\n'")
     p.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step (slow first step)")
     p.add_argument("--stats", action="store_true", help="print the generation time to stderr at the end")
@@ -30,23 +34,26 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..generate import check_sampling
-    from .text import load_for_inference, stream_text
+    from .text import check_stop, load_for_inference, stream_text
 
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, args.top_p)
+    check_stop(args.stop)
     model, tok = load_for_inference(args.checkpoint, args.device, args.tokenizer)
     if args.compile:
         model.compile_decode_step()
+    # the arguments (stop strings included) are checked here, before anything is printed
+    stream = stream_text(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, bos=not args.no_bos,
+                         stop_at_eos=not args.ignore_eos, stop=args.stop)
     out = sys.stdout
     if not args.no_echo:
         out.write(args.prompt)
         out.flush()
     start, pieces = time.perf_counter(), 0
     with torch.no_grad():
-        for piece in stream_text(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, bos=not args.no_bos,
-                                 stop_at_eos=not args.ignore_eos):
+        for piece in stream:
             out.write(piece)
             out.flush()
             pieces += 1

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import gated_activation
-from ..ops.decode_step import mlp_step
+from ..ops.decode_step import KernelViews, StepRows, mlp_step
+from .state import StepArgs
 
 GATED = ("glu", "bilinear", "reglu", "geglu", "swiglu")
 UNGATED = ("relu", "gelu", "swish")
@@ -111,6 +112,7 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(width, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, width, bias=bias)
         self.act = make_activation(activation, gelu_approximate, learnable_beta)
+        self.step_args, self.step_views = StepArgs(), KernelViews()  # memos of the step's arguments
         # act(gate) * up as one fused op where one exists (GeGLU with tanh GeLU, SwiGLU with beta 1)
         self.fused_kind = ("gelu_tanh" if activation == "geglu" and gelu_approximate == "tanh" else
                            "silu" if activation == "swiglu" and not learnable_beta else None)
@@ -138,13 +140,14 @@ class GatedMLP(nn.Module):
             return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self.fused_kind))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
-    def step(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    def step(self, x: torch.Tensor, rows: StepRows | None, norm: nn.Module) -> torch.Tensor:
         """One token per sequence: x (n, D) residual stream -> x + self(norm(x)) (n, D), one fused
-        op on CPU (`ops.decode_step.mlp_step`); `norm` is the block's RMSNorm."""
-        name, beta = step_activation(self.act)
-        return mlp_step(x, norm.op_args(), (self.gate_proj.weight, self.gate_proj.bias),
-                        (self.up_proj.weight, self.up_proj.bias), (self.down_proj.weight, self.down_proj.bias),
-                        name, beta)
+        op on CPU (`ops.decode_step.mlp_step`); `norm` is the block's RMSNorm. The MLP has no
+        state: `rows` only carries the step's fused-path decision."""
+        args = self.step_args.get(lambda: (
+            norm.op_args(), (self.gate_proj.weight, self.gate_proj.bias), (self.up_proj.weight, self.up_proj.bias),
+            (self.down_proj.weight, self.down_proj.bias), *step_activation(self.act)), self, norm)
+        return mlp_step(x, *args, rows, self.step_views)
 
 
 # Row-chunked inference MLP: hidden tensors of a chunk (3 of rows x M float32) within this budget.
@@ -176,12 +179,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(width, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, width, bias=bias)
         self.act = make_activation(activation, gelu_approximate, learnable_beta)
+        self.step_args, self.step_views = StepArgs(), KernelViews()  # memos of the step's arguments
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(x)))
 
-    def step(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    def step(self, x: torch.Tensor, rows: StepRows | None, norm: nn.Module) -> torch.Tensor:
         """One token per sequence: x (n, D) -> x + self(norm(x)) (n, D), as `GatedMLP.step`."""
-        name, beta = step_activation(self.act)
-        return mlp_step(x, norm.op_args(), None, (self.up_proj.weight, self.up_proj.bias),
-                        (self.down_proj.weight, self.down_proj.bias), name, beta)
+        args = self.step_args.get(lambda: (
+            norm.op_args(), None, (self.up_proj.weight, self.up_proj.bias), (self.down_proj.weight, self.down_proj.bias),
+            *step_activation(self.act)), self, norm)
+        return mlp_step(x, *args, rows, self.step_views)

@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 
 from ..ops import causal_attention
-from ..ops.decode_step import attention_step
+from ..ops.decode_step import KernelViews, StepRows, attention_step
 from ..ops.local_attention import grouped_attention
 from .norm import RMSNorm
 from .positions import Positions
-from .state import SlotState
+from .state import SlotState, StepArgs
 from .rotary import RotaryEmbedding
 
 
@@ -92,6 +92,7 @@ class MultiQueryAttention(nn.Module):
         self.v_proj = nn.Linear(width, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, width, bias=out_bias)
         self.rope = RotaryEmbedding(head_dim, rope_fraction, rope_base, rope_pairing)
+        self.step_args, self.step_views = StepArgs(), KernelViews()  # memos of the step's arguments
 
     def init_cache(self, batch: int, max_length: int, device=None, dtype=torch.float32) -> AttentionCache:
         if self.window is not None:
@@ -133,17 +134,12 @@ class MultiQueryAttention(nn.Module):
         mask = mask[None] & (k_pos[None, None, :] >= pos.doc_start[:, :, None])  # (B, T, S + T)
         return grouped_attention(q, k_all, v_all, mask[:, None], scale)
 
-    def step(self, x: torch.Tensor, state: AttentionCache, slots: torch.Tensor, pos: torch.Tensor,
-             doc_start: torch.Tensor, norm: RMSNorm, keys: int | None = None, whole: bool = False) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: AttentionCache, rows: StepRows, norm: RMSNorm) -> torch.Tensor:
         """One token per sequence: x (n, D) residual stream -> x + attention(norm(x)) (n, D).
 
-        Row b writes its key/value into slot `slots[b]` of the pool `state` at position pos[b]
-        (n,), then attends over that slot's keys of its document (from doc_start[b]). `keys`
-        bounds a global cache to its filled prefix (eager), `whole` says slots == arange(N)."""
-        return attention_step(x, norm.op_args(), self._linear(self.q_proj), self._linear(self.k_proj),
-                              self._linear(self.v_proj), self._linear(self.o_proj), self.num_heads,
-                              self.rope.op_args(), state.k, state.v, state.ring, slots, pos, doc_start, keys, whole)
-
-    @staticmethod
-    def _linear(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return layer.weight, layer.bias
+        Row b writes its key/value into slot rows.slots[b] of the pool `state` at position
+        rows.pos[b], then attends over that slot's keys of its document (from rows.doc_start[b])."""
+        args = self.step_args.get(lambda: (
+            norm.op_args(), *((p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)),
+            self.num_heads, self.rope.op_args()), self, norm)
+        return attention_step(x, *args, state.k, state.v, state.ring, rows, self.step_views)

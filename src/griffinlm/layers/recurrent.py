@@ -13,19 +13,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import gated_activation
-from ..ops.decode_step import recurrent_step
+from ..ops.decode_step import KernelViews, StepRows, recurrent_step
 from .activations import plain_parameters
 from .conv import Conv1D
 from .norm import RMSNorm
 from .positions import Positions
 from .rglru import RGLRU
-from .state import SlotState
+from .state import SlotState, StepArgs
 
 
 @dataclass
 class RecurrentCache(SlotState):
     """Decoding state of one recurrent block for N sequence slots: the conv's last inputs
-    (N, W-1, D_rnn) and the RG-LRU state (N, D_rnn), float32 whatever the model's dtype."""
+    (N, W-1, D_rnn) and the RG-LRU state (N, D_rnn), float32 for any narrower model dtype
+    (float64 for a float64 model, the reference)."""
 
     conv: torch.Tensor
     rnn: torch.Tensor
@@ -34,7 +35,7 @@ class RecurrentCache(SlotState):
     def init(cls, batch: int, lru_width: int, conv_width: int, device=None,
              dtype: torch.dtype = torch.float32) -> "RecurrentCache":
         return cls(torch.zeros(batch, conv_width - 1, lru_width, device=device, dtype=dtype),
-                   torch.zeros(batch, lru_width, device=device, dtype=torch.float32))
+                   torch.zeros(batch, lru_width, device=device, dtype=torch.promote_types(dtype, torch.float32)))
 
 
 class RecurrentBlock(nn.Module):
@@ -51,6 +52,7 @@ class RecurrentBlock(nn.Module):
         self.conv1d = Conv1D(lru_width, conv_width, bias=conv_bias)
         self.rg_lru = RGLRU(lru_width, num_blocks, lru_c, lru_init, min_rad, max_rad, unscaled_reset)
         self.linear_out = nn.Linear(lru_width, width, bias=bias)
+        self.step_args, self.step_views = StepArgs(), KernelViews()  # memos of the step's arguments
 
     def init_cache(self, batch: int, device=None, dtype=torch.float32) -> RecurrentCache:
         return RecurrentCache.init(batch, self.lru_width, self.conv_width, device, dtype)
@@ -71,13 +73,13 @@ class RecurrentBlock(nn.Module):
             return self.linear_out(gated_activation(y, h, "gelu_tanh", self.linear_y.bias if fold else None))
         return self.linear_out(F.gelu(y, approximate=self.gelu_approximate) * h)
 
-    def step(self, x: torch.Tensor, state: RecurrentCache, slots: torch.Tensor, pos: torch.Tensor,
-             doc_start: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: RecurrentCache, rows: StepRows, norm: RMSNorm) -> torch.Tensor:
         """One token per sequence: x (n, D) residual stream -> x + block(norm(x)) (n, D).
 
-        Row b advances slot `slots[b]` of the pool `state` from position pos[b] (n,) of a
-        document that starts at doc_start[b] (the recurrence resets where they are equal)."""
-        return recurrent_step(x, norm.op_args(), (self.linear_y.weight, self.linear_y.bias),
-                              (self.linear_x.weight, self.linear_x.bias), self.conv1d.op_args(),
-                              self.rg_lru.op_args(), (self.linear_out.weight, self.linear_out.bias),
-                              self.gelu_approximate, state.conv, state.rnn, slots, pos, doc_start)
+        Row b advances slot rows.slots[b] of the pool `state` from position rows.pos[b] of a
+        document that starts at rows.doc_start[b] (the recurrence resets where they are equal)."""
+        args = self.step_args.get(lambda: (
+            norm.op_args(), (self.linear_y.weight, self.linear_y.bias), (self.linear_x.weight, self.linear_x.bias),
+            self.conv1d.op_args(), self.rg_lru.op_args(), (self.linear_out.weight, self.linear_out.bias),
+            self.gelu_approximate), self, norm)
+        return recurrent_step(x, *args, state.conv, state.rnn, rows, self.step_views)

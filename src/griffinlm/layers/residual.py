@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..config import GATED_ACTIVATIONS, ModelConfig
+from ..ops.decode_step import StepRows
 from .activations import MLP, GatedMLP
 from .attention import AttentionCache, MultiQueryAttention
 from .norm import RMSNorm
@@ -60,15 +61,10 @@ class ResidualBlock(nn.Module):
         x = _skip(x, self.temporal(self.temporal_norm(x), pos, cache, offset))
         return _skip(x, self.mlp(self.mlp_norm(x)))
 
-    def step(self, x: torch.Tensor, state: AttentionCache | RecurrentCache, slots: torch.Tensor,
-             pos: torch.Tensor, doc_start: torch.Tensor, keys: int | None = None, whole: bool = False) -> torch.Tensor:
-        """One token per sequence: x (n, D) -> (n, D). Row b is pool slot slots[b] (n,) at position
-        pos[b] in a document starting at doc_start[b]; `keys`/`whole` as in `MultiQueryAttention.step`."""
-        if self.kind == "recurrent":
-            x = self.temporal.step(x, state, slots, pos, doc_start, self.temporal_norm)
-        else:
-            x = self.temporal.step(x, state, slots, pos, doc_start, self.temporal_norm, keys, whole)
-        return self.mlp.step(x, self.mlp_norm)
+    def step(self, x: torch.Tensor, state: AttentionCache | RecurrentCache, rows: StepRows) -> torch.Tensor:
+        """One token per sequence: x (n, D) -> (n, D); row b advances pool slot rows.slots[b]."""
+        x = self.temporal.step(x, state, rows, self.temporal_norm)
+        return self.mlp.step(x, rows, self.mlp_norm)
 
 
 def _skip(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

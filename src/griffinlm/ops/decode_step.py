@@ -10,14 +10,16 @@ state rows in place.
 Two implementations of each: `*_reference` composes the torch ops (any dtype, device, batch,
 autograd, torch.compile); on CPU in float32 without autograd, at most `MAX_BATCH` rows and
 numba present, the kernels of `decode_step_numba` do the same in one call per op, reading
-every weight once on all cores (and write into `x`). `fusable` is the rule; `FUSED_CALLS`
-counts the kernel calls so that tests can tell the fast path ran.
+every weight once on all cores, and add the block's output into `x` in place (callers use the
+returned tensor, which is then `x` itself). `fusable` is the rule; `FUSED_CALLS` counts the
+kernel calls so that tests can tell the fast path ran.
 """
 from __future__ import annotations
 
 import collections
 import ctypes
-import weakref
+import operator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,34 +63,98 @@ def activation_reference(x: torch.Tensor, name: str, beta: float | torch.Tensor 
 
 
 # --- eligibility and zero-copy views ---------------------------------------------------------
-_VIEWS: dict[int, tuple] = {}
 _EMPTY = np.empty(0, np.float32)
 
 
-def _view(t: torch.Tensor | None) -> np.ndarray:
-    """A numpy view of a contiguous float32 CPU tensor's memory, kept per tensor while it lives.
-
-    Not `.numpy()`, which would make a parameter's storage non-resizable for good (FSDP frees
-    parameters by resizing); a view is re-made when the tensor's storage moves."""
-    if t is None:
-        return _EMPTY
-    key = id(t)
-    hit = _VIEWS.get(key)
-    ptr = t.data_ptr()
-    if hit is not None and hit[0]() is t and hit[1] == ptr and hit[2].shape == t.shape:
-        return hit[2]
-    array = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=tuple(t.shape))
-    _VIEWS[key] = (weakref.ref(t, lambda _, k=key: _VIEWS.pop(k, None)), ptr, array)
-    return array
+def _numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a contiguous float32 CPU tensor's memory. Not `.numpy()`, which would make a
+    parameter's storage non-resizable for good (FSDP frees parameters by resizing)."""
+    return np.ctypeslib.as_array(ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float)), shape=tuple(t.shape))
 
 
-def fusable(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """Whether the numba kernels apply: the ops' shared rule (`scan_numba.cpu_fusable`: numba
-    present, not tracing, plain float32 CPU tensors), no autograd, at most MAX_BATCH rows, and
-    contiguous tensors (the kernels index raw memory)."""
+def _kernel_tensor(t: torch.Tensor) -> bool:
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+            and t.is_contiguous())
+
+
+class KernelViews:
+    """The numpy views an op hands its kernel for one layer's weights, made once and kept while
+    the same tensor objects sit at the same storage (an optimizer's in-place update keeps them;
+    `.to()`, `load_state_dict` into new tensors or a replaced parameter re-makes them). A layer
+    owns one per fused op it calls, so a decoding step does not re-derive ~20 views per op."""
+
+    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays")
+
+    def __init__(self) -> None:
+        self.tensors: tuple = ()
+        self.ptrs: list[int] = []
+        self.views: tuple | None = None
+        self.pool: tuple = ()
+        self.pool_arrays: tuple | None = None
+
+    def states(self, *pool: torch.Tensor) -> tuple[np.ndarray, ...] | None:
+        """Numpy arrays of a state pool's tensors (shared memory; pools are allocated once and
+        never reallocated), or None unless they are float32 CPU tensors."""
+        if len(pool) != len(self.pool) or not all(map(operator.is_, pool, self.pool)):
+            ok = all(t.dtype == torch.float32 and t.device.type == "cpu" and type(t) is torch.Tensor for t in pool)
+            self.pool, self.pool_arrays = pool, tuple(t.numpy() for t in pool) if ok else None
+        return self.pool_arrays
+
+    def __call__(self, tensors: tuple[torch.Tensor | None, ...]) -> tuple[np.ndarray, ...] | None:
+        """Views of `tensors` (an empty array for None), or None when one cannot go to a kernel
+        (not a plain contiguous float32 CPU tensor: a DTensor, bf16, CUDA...)."""
+        if len(tensors) == len(self.tensors) and all(map(operator.is_, tensors, self.tensors)) and \
+                [0 if t is None else t.data_ptr() for t in tensors] == self.ptrs:
+            return self.views
+        ptrs = [0 if t is None else t.data_ptr() for t in tensors]
+        ok = all(t is None or _kernel_tensor(t) for t in tensors)
+        self.tensors, self.ptrs = tensors, ptrs
+        self.views = tuple(_EMPTY if t is None else _numpy_view(t.detach()) for t in tensors) if ok else None
+        return self.views
+
+
+@dataclass
+class StepRows:
+    """Where the n rows of one decoding step sit in the state pool, made once per step.
+
+    slots (n,) long: each row's slot (distinct, any order); pos (n,) long: the position of the
+    row's token in its slot; doc_start (n,) long: where its document starts in the slot.
+    keys: eager hint bounding a global cache to its filled prefix (None: all entries, static).
+    whole: the slots are arange(N) (the pool is read in place, no gather). `fused` is the
+    kernels' step-level rule (`fusable`); `arrays` and `threads` are what the kernels take."""
+
+    slots: torch.Tensor
+    pos: torch.Tensor
+    doc_start: torch.Tensor
+    keys: int | None = None
+    whole: bool = False
+    fused: bool = False
+    arrays: tuple = ()
+    threads: int = 1
+
+    @classmethod
+    def make(cls, x: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, doc_start: torch.Tensor,
+             keys: int | None = None, whole: bool = False) -> "StepRows":
+        if not fusable(x):
+            return cls(slots, pos, doc_start, keys, whole)
+        arrays = tuple(t.numpy() if t.dtype == torch.int64 and t.is_contiguous() else t.long().contiguous().numpy()
+                       for t in (slots, pos, doc_start))
+        return cls(slots, pos, doc_start, keys, whole, True, arrays, _threads())
+
+
+def fusable(x: torch.Tensor) -> bool:
+    """The step-level rule of the kernels (weights are checked by `KernelViews`, states per op):
+    numba present and not tracing (the ops' shared rule, `scan_numba.cpu_fusable`), no autograd,
+    x 1..MAX_BATCH contiguous float32 CPU rows."""
     if torch.is_grad_enabled() or x.dim() != 2 or not 0 < x.shape[0] <= MAX_BATCH:
         return False
-    return scan_numba.cpu_fusable(x, *tensors) and all(t is None or t.is_contiguous() for t in tensors)
+    return scan_numba.cpu_fusable(x) and x.is_contiguous()
+
+
+def _threads() -> int:
+    import numba  # numba is optional: imported only once a kernel runs (then a dict lookup)
+
+    return numba.get_num_threads()
 
 
 def _kernels():
@@ -97,28 +163,13 @@ def _kernels():
     return decode_step_numba
 
 
-def _rows(slots: torch.Tensor, pos: torch.Tensor, doc_start: torch.Tensor) -> tuple[np.ndarray, ...]:
-    return tuple(t.to(torch.int64).contiguous().numpy() for t in (slots, pos, doc_start))
-
-
-def _threads() -> int:
-    import numba
-
-    return numba.get_num_threads()
-
-
-def _fresh(x: torch.Tensor) -> np.ndarray:
-    """x as a float32 array the kernel may update in place (a copy: the caller's x is kept)."""
-    return x.detach().clone().contiguous().numpy()
-
-
 # --- recurrent block ---------------------------------------------------------------------------
 def recurrent_step_reference(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Linear,
                              conv: Linear, lru: tuple, linear_out: Linear, gelu_approximate: str,
-                             conv_state: torch.Tensor, h: torch.Tensor, slots: torch.Tensor,
-                             pos: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:
+                             conv_state: torch.Tensor, h: torch.Tensor, rows: StepRows) -> torch.Tensor:
     """x (n, D) + RecurrentBlock(RMSNorm(x)) in torch ops; conv_state (N, W-1, R) and the RG-LRU
-    state h (N, R) float32 updated in place at rows `slots`. `lru`: `RGLRU.op_args()`."""
+    state h (N, R) float32 updated in place at rows `rows.slots`. `lru`: `RGLRU.op_args()`."""
+    slots, pos, doc_start = rows.slots, rows.pos, rows.doc_start
     n = rms_norm(x, *norm)
     y = F.gelu(F.linear(n, *linear_y), approximate=gelu_approximate)
     u = causal_conv1d_step(F.linear(n, *linear_x), *conv, conv_state, slots, pos - doc_start)
@@ -126,29 +177,28 @@ def recurrent_step_reference(x: torch.Tensor, norm: Norm, linear_y: Linear, line
     gate_r, gate_i = block_diagonal_linear(u, [gr_w, gi_w], [gr_b, gi_b])
     h_new = rglru_step(u, gate_r, gate_i, log_a_from_lambda(lambda_), h.index_select(0, slots), c,
                        pos == doc_start, unscaled_reset)
-    h.index_copy_(0, slots, h_new)
+    h.index_copy_(0, slots, h_new.to(h.dtype))
     return x + F.linear(h_new.to(x.dtype) * y, *linear_out)
 
 
 def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Linear, conv: Linear,
                    lru: tuple, linear_out: Linear, gelu_approximate: str, conv_state: torch.Tensor,
-                   h: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:
-    """As `recurrent_step_reference`, fused where `fusable`."""
+                   h: torch.Tensor, rows: StepRows, views: KernelViews | None = None) -> torch.Tensor:
+    """As `recurrent_step_reference`, fused where `rows.fused` and the tensors allow
+    (`views`: the caller's memo of its weights' views)."""
     gr_w, gr_b, gi_w, gi_b, lambda_, c, unscaled_reset = lru
-    if not fusable(x, norm[0], *linear_y, *linear_x, *conv, gr_w, gr_b, gi_w, gi_b, lambda_, *linear_out,
-                   conv_state, h):
+    views = views or KernelViews()
+    w = rows.fused and views((norm[0], *linear_y, *linear_x, *conv, gr_w, gr_b, gi_w, gi_b, lambda_, *linear_out))
+    st = w and views.states(conv_state, h)
+    if not st:
         return recurrent_step_reference(x, norm, linear_y, linear_x, conv, lru, linear_out, gelu_approximate,
-                                        conv_state, h, slots, pos, doc_start)
-    k = _kernels()
-    out = _fresh(x)
+                                        conv_state, h, rows)
     gelu = ACTIVATIONS["gelu_tanh" if gelu_approximate == "tanh" else "gelu"]
-    k.recurrent_step(out, _view(norm[0]), norm[2], np.float32(norm[1]), _view(linear_y[0]), _view(linear_y[1]),
-                     _view(linear_x[0]), _view(linear_x[1]), _view(conv[0]), _view(conv[1]), conv_state.numpy(),
-                     _view(gr_w), _view(gr_b), _view(gi_w), _view(gi_b), _view(lambda_), float(c),
-                     bool(unscaled_reset), h.numpy(), _view(linear_out[0]), _view(linear_out[1]),
-                     *_rows(slots, pos, doc_start), gelu, _threads())
+    _kernels().recurrent_step(x.numpy(), w[0], norm[2], np.float32(norm[1]), *w[1:7], st[0], *w[7:12],
+                              float(c), bool(unscaled_reset), st[1], w[12], w[13],
+                              *rows.arrays, gelu, rows.threads)
     FUSED_CALLS["recurrent_step"] += 1
-    return torch.from_numpy(out)
+    return x
 
 
 # --- attention block ---------------------------------------------------------------------------
@@ -164,13 +214,11 @@ def key_positions(pos: torch.Tensor, slots: int, ring: bool) -> torch.Tensor:
 
 def attention_step_reference(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, v_proj: Linear,
                              o_proj: Linear, num_heads: int, rope: tuple, k_cache: torch.Tensor,
-                             v_cache: torch.Tensor, ring: bool, slots: torch.Tensor, pos: torch.Tensor,
-                             doc_start: torch.Tensor, keys: int | None = None, whole: bool = False) -> torch.Tensor:
+                             v_cache: torch.Tensor, ring: bool, rows: StepRows) -> torch.Tensor:
     """x (n, D) + MultiQueryAttention(RMSNorm(x)) in torch ops over the pool's key/value cache
     (N, Hkv, S, hd) (keys after RoPE), into which this token's key/value are written first (at
-    pos % S for a ring, else at pos). `rope`: `RotaryEmbedding.op_args()`. `keys` limits a
-    global cache to its first slots (eager: the filled prefix), `whole` says slots == arange(N)
-    (the pool is read without gathering its rows)."""
+    pos % S for a ring, else at pos). `rope`: `RotaryEmbedding.op_args()`."""
+    slots, pos, doc_start, keys = rows.slots, rows.pos, rows.doc_start, rows.keys
     B = x.shape[0]
     Hkv, S, hd = k_cache.shape[1:]
     n = rms_norm(x, *norm)
@@ -181,33 +229,31 @@ def attention_step_reference(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj
     at = torch.remainder(pos, S) if ring else pos
     k_cache[slots, :, at] = k[:, :, 0].to(k_cache.dtype)
     v_cache[slots, :, at] = v[:, :, 0].to(v_cache.dtype)
-    kc, vc = (k_cache, v_cache) if whole else (k_cache.index_select(0, slots), v_cache.index_select(0, slots))
+    kc, vc = (k_cache, v_cache) if rows.whole else (k_cache.index_select(0, slots), v_cache.index_select(0, slots))
     if keys is not None and not ring:
         kc, vc = kc[:, :, :keys], vc[:, :, :keys]
     key_pos = key_positions(pos, S, ring)[:, : kc.shape[2]]  # (n, S')
     mask = (key_pos >= doc_start[:, None]) & (key_pos <= pos[:, None])
-    out = grouped_attention(q, kc, vc, mask[:, None], hd ** -0.5)  # (n, H, 1, hd)
+    out = grouped_attention(q, kc, vc, mask[:, None, None], hd ** -0.5)  # (n, H, 1, hd)
     return x + F.linear(out.reshape(B, num_heads * hd), *o_proj)
 
 
 def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear,
                    num_heads: int, rope: tuple, k_cache: torch.Tensor, v_cache: torch.Tensor, ring: bool,
-                   slots: torch.Tensor, pos: torch.Tensor, doc_start: torch.Tensor, keys: int | None = None,
-                   whole: bool = False) -> torch.Tensor:
-    """As `attention_step_reference`, fused where `fusable`."""
+                   rows: StepRows, views: KernelViews | None = None) -> torch.Tensor:
+    """As `attention_step_reference`, fused where `rows.fused` and the tensors allow."""
     inv_freq, rotary_dim, interleaved = rope
-    if not fusable(x, norm[0], *q_proj, *k_proj, *v_proj, *o_proj, inv_freq, k_cache, v_cache):
+    views = views or KernelViews()
+    w = rows.fused and views((norm[0], *q_proj, *k_proj, *v_proj, *o_proj, inv_freq))
+    st = w and views.states(k_cache, v_cache)
+    if not st:
         return attention_step_reference(x, norm, q_proj, k_proj, v_proj, o_proj, num_heads, rope, k_cache,
-                                        v_cache, ring, slots, pos, doc_start, keys, whole)
-    k = _kernels()
-    out = _fresh(x)
-    k.attention_step(out, _view(norm[0]), norm[2], np.float32(norm[1]), _view(q_proj[0]), _view(q_proj[1]),
-                     _view(k_proj[0]), _view(k_proj[1]), _view(v_proj[0]), _view(v_proj[1]), _view(o_proj[0]),
-                     _view(o_proj[1]), num_heads, _view(inv_freq), rotary_dim, bool(interleaved), k_cache.numpy(),
-                     v_cache.numpy(), ring, *_rows(slots, pos, doc_start), np.float32(k_cache.shape[3] ** -0.5),
-                     _threads())
+                                        v_cache, ring, rows)
+    _kernels().attention_step(x.numpy(), w[0], norm[2], np.float32(norm[1]), *w[1:9], num_heads, w[9], rotary_dim,
+                              bool(interleaved), st[0], st[1], ring, *rows.arrays,
+                              np.float32(k_cache.shape[3] ** -0.5), rows.threads)
     FUSED_CALLS["attention_step"] += 1
-    return torch.from_numpy(out)
+    return x
 
 
 # --- MLP -----------------------------------------------------------------------------------------
@@ -222,20 +268,18 @@ def mlp_step_reference(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Lin
 
 
 def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down: Linear, activation: str,
-             beta: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """As `mlp_step_reference`, fused where `fusable`."""
-    beta_t = beta if isinstance(beta, torch.Tensor) else None
-    if not fusable(x, norm[0], *(gate or (None, None)), *up, *down):
+             beta: float | torch.Tensor = 1.0, rows: StepRows | None = None,
+             views: KernelViews | None = None) -> torch.Tensor:
+    """As `mlp_step_reference`, fused where `rows.fused` (default: `fusable(x)`) and the weights allow."""
+    fused = fusable(x) if rows is None else rows.fused
+    w = fused and (views or KernelViews())((norm[0], *(gate or (None, None)), *up, *down))
+    if not w:
         return mlp_step_reference(x, norm, gate, up, down, activation, beta)
-    k = _kernels()
-    out = _fresh(x)
-    D = x.shape[1]
-    w_gate, b_gate = (np.empty((0, D), np.float32), _EMPTY) if gate is None else (_view(gate[0]), _view(gate[1]))
-    k.mlp_step(out, _view(norm[0]), norm[2], np.float32(norm[1]), w_gate, b_gate, _view(up[0]), _view(up[1]),
-               _view(down[0]), _view(down[1]), ACTIVATIONS[activation],
-               np.float32(float(beta_t) if beta_t is not None else beta), _threads())
+    w_gate = np.empty((0, x.shape[1]), np.float32) if gate is None else w[1]
+    _kernels().mlp_step(x.numpy(), w[0], norm[2], np.float32(norm[1]), w_gate, *w[2:7], ACTIVATIONS[activation],
+                        np.float32(float(beta)), _threads())
     FUSED_CALLS["mlp_step"] += 1
-    return torch.from_numpy(out)
+    return x
 
 
 # --- output layer --------------------------------------------------------------------------------
@@ -247,12 +291,16 @@ def logits_reference(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_
     return logits
 
 
-def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: float | None) -> torch.Tensor:
-    """As `logits_reference` for a step's rows x (n, D) -> (n, V), fused where `fusable`."""
-    if not fusable(x, norm[0], embedding):
+def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: float | None,
+                rows: StepRows | None = None, views: KernelViews | None = None) -> torch.Tensor:
+    """As `logits_reference` for a step's rows x (n, D) -> (n, V), fused where `rows.fused`
+    (default: `fusable(x)`) and the weights allow."""
+    fused = fusable(x) if rows is None else rows.fused
+    w = fused and (views or KernelViews())((norm[0], embedding))
+    if not w:
         return logits_reference(x, norm, embedding, soft_cap)
     out = torch.empty(x.shape[0], embedding.shape[0])
-    _kernels().logits_step(x.detach().contiguous().numpy(), _view(norm[0]), norm[2], np.float32(norm[1]),
-                           _view(embedding), np.float32(soft_cap or 0.0), out.numpy(), _threads())
+    _kernels().logits_step(x.numpy(), w[0], norm[2], np.float32(norm[1]), w[1],
+                           np.float32(soft_cap or 0.0), out.numpy(), _threads())
     FUSED_CALLS["logits_step"] += 1
     return out

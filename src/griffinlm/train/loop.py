@@ -262,7 +262,12 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self) -> str:
-        """Text generated from `sample_prompt` (seeded; does not touch the global RNG)."""
+        """`sample_prompt` and its continuation (`sample_tokens` tokens at most, ending at EOS) as
+        text, sampled at `sample_temperature` with a generator seeded by `seed` (the global RNG
+        is not touched), in eval mode under the training autocast. The text generation is
+        `inference.text.generate_text`, the same as `griffinlm generate`."""
+        from ..inference.text import generate_text  # inference imports the model, never train
+
         model = self.model
         if self.par is not None:  # generation runs on one plain copy, on rank 0
             from ..parallel.checkpoint import gather_model
@@ -270,8 +275,16 @@ class Trainer:
             if model is None:
                 return ""
             model = model.to(self.device)
-        return generate_text(model, self.data.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens,
-                             self.cfg.sample_temperature, self.cfg.seed)
+        cfg = self.cfg
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast(next(model.parameters()).device):
+                text = generate_text(model, self.data.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                                     temperature=cfg.sample_temperature, seed=cfg.seed)
+        finally:
+            model.train(was_training)
+        return cfg.sample_prompt + text
 
 
 def _parallel_context(tp: int, fsdp: bool, device: str):
@@ -287,23 +300,3 @@ def _parallel_context(tp: int, fsdp: bool, device: str):
 def _is_distributed_checkpoint(path: str) -> bool:
     from ..parallel.checkpoint import is_distributed_checkpoint
     return is_distributed_checkpoint(path)
-
-
-@torch.no_grad()
-def generate_text(model: LanguageModel, tok, prompt: str, max_new_tokens: int, temperature: float,
-                  seed: int = 0) -> str:
-    """prompt + continuation as text; the prompt starts with BOS like every training document."""
-    device = next(model.parameters()).device
-    ids = [tok.bos_id] + [int(i) for i in tok.encode(prompt)]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    with autocast(device):
-        # a list prompt gives back the row cut just after its stop token (no padding)
-        (out,) = model.generate([ids], max_new_tokens, temperature=temperature, generator=gen,
-                                stop_tokens=tok.eos_id)
-    model.train(was_training)
-    row = out.tolist()[1:]
-    if row and row[-1] == tok.eos_id and len(row) >= len(ids):  # the generated document ended
-        row = row[:-1]
-    return tok.decode(row)
