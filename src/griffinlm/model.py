@@ -231,9 +231,9 @@ class LanguageModel(nn.Module, GenerationMixin):
         """The unchecked step: tokens (n,), slots (n,) -> logits (n, V); updates the pool in
         place. Static shapes with keys=None, whole=False (what torch.compile captures).
         `segment_pos` (n,) optionally gives each token's position in its document (0: a start)."""
-        pos = cache.positions.index_select(0, slots)  # (n,)
+        pos = cache.positions.clone() if whole else cache.positions.index_select(0, slots)  # (n,)
         if segment_pos is None:
-            doc_start = cache.doc_start.index_select(0, slots)
+            doc_start = cache.doc_start.clone() if whole else cache.doc_start.index_select(0, slots)
         else:
             doc_start = (pos - segment_pos).clamp(min=0)
         x = self._embed(tokens)  # (n, D)
@@ -242,8 +242,12 @@ class LanguageModel(nn.Module, GenerationMixin):
             x = block.step(x, state, rows)
         logits = logits_step(x, self.final_norm.op_args(), self.embed.weight, self.config.logits_soft_cap,
                              rows, self.step_views)
-        cache.positions.index_copy_(0, slots, pos + 1)
-        cache.doc_start.index_copy_(0, slots, doc_start)
+        if whole:
+            cache.positions.add_(1)
+        else:
+            cache.positions.index_copy_(0, slots, pos + 1)
+        if segment_pos is not None or not whole:
+            cache.doc_start.index_copy_(0, slots, doc_start)
         return logits
 
     def compile_decode_step(self, enable: bool = True, **compile_kwargs) -> None:
