@@ -17,6 +17,7 @@ from .cache import ModelCache, SlotIndex
 from .config import ModelConfig
 from .generate import GenerationMixin
 from .layers import Positions, ResidualBlock, RMSNorm
+from .layers.state import TreeWatch
 from .ops.decode_step import KernelViews, StepRows, logits_reference, logits_step
 
 
@@ -47,6 +48,7 @@ class LanguageModel(nn.Module, GenerationMixin):
         self.embed_multiplier = embed_multiplier(config)
         self.gradient_checkpointing = False
         self.step_views = KernelViews()  # memo of the fused output layer's weight views
+        self.step_watch = TreeWatch()  # lets the layers reuse their step arguments between tokens
         self.reset_parameters()
 
     # --- initialisation ----------------------------------------------------------------
@@ -237,7 +239,8 @@ class LanguageModel(nn.Module, GenerationMixin):
         else:
             doc_start = (pos - segment_pos).clamp(min=0)
         x = self._embed(tokens)  # (n, D)
-        rows = StepRows.make(x, slots, pos, doc_start, keys, whole)
+        unchanged = not torch.compiler.is_compiling() and self.step_watch.unchanged(self)
+        rows = StepRows.make(x, slots, pos, doc_start, keys, whole, unchanged)
         for block, state in zip(self.blocks, cache.blocks):
             x = block.step(x, state, rows)
         logits = logits_step(x, self.final_norm.op_args(), self.embed.weight, self.config.logits_soft_cap,

@@ -146,7 +146,7 @@ class GatedMLP(nn.Module):
         state: `rows` only carries the step's fused-path decision."""
         args = self.step_args.get(lambda: (
             norm.op_args(), (self.gate_proj.weight, self.gate_proj.bias), (self.up_proj.weight, self.up_proj.bias),
-            (self.down_proj.weight, self.down_proj.bias), *step_activation(self.act)), self, norm)
+            (self.down_proj.weight, self.down_proj.bias), *step_activation(self.act)), rows is not None and rows.unchanged)
         return mlp_step(x, *args, rows, self.step_views)
 
 
@@ -188,5 +188,5 @@ class MLP(nn.Module):
         """One token per sequence: x (n, D) -> x + self(norm(x)) (n, D), as `GatedMLP.step`."""
         args = self.step_args.get(lambda: (
             norm.op_args(), None, (self.up_proj.weight, self.up_proj.bias), (self.down_proj.weight, self.down_proj.bias),
-            *step_activation(self.act)), self, norm)
+            *step_activation(self.act)), rows is not None and rows.unchanged)
         return mlp_step(x, *args, rows, self.step_views)

@@ -141,5 +141,5 @@ class MultiQueryAttention(nn.Module):
         rows.pos[b], then attends over that slot's keys of its document (from rows.doc_start[b])."""
         args = self.step_args.get(lambda: (
             norm.op_args(), *((p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)),
-            self.num_heads, self.rope.op_args()), self, norm)
+            self.num_heads, self.rope.op_args()), rows.unchanged)
         return attention_step(x, *args, state.k, state.v, state.ring, rows, self.step_views)

@@ -81,5 +81,5 @@ class RecurrentBlock(nn.Module):
         args = self.step_args.get(lambda: (
             norm.op_args(), (self.linear_y.weight, self.linear_y.bias), (self.linear_x.weight, self.linear_x.bias),
             self.conv1d.op_args(), self.rg_lru.op_args(), (self.linear_out.weight, self.linear_out.bias),
-            self.gelu_approximate), self, norm)
+            self.gelu_approximate), rows.unchanged)
         return recurrent_step(x, *args, state.conv, state.rnn, rows, self.step_views)

@@ -23,27 +23,50 @@ class SlotState:
         return dataclasses.replace(self, **{k: t[slot:slot + 1] for k, t in self.tensors().items()})
 
 
-class StepArgs:
-    """A layer's arguments for its fused decoding op, gathered once and gathered again when a
-    parameter, buffer or submodule of the watched modules is replaced (each nn.Module attribute
-    lookup costs about half a microsecond, and a block's step makes tens of them per token).
-    In-place updates (an optimizer step, `load_state_dict`) keep the same objects and are seen."""
+class TreeWatch:
+    """Tells, in a few microseconds, whether any submodule, parameter or buffer object of a
+    module tree was replaced, or any tensor's storage moved (`.to()`, `param.data = ...`), since
+    the last call. In-place updates (an optimizer step, `load_state_dict`) are not changes.
 
-    __slots__ = ("args", "dicts", "keys", "objects")
+    The decoding step asks once per token (`LanguageModel.step`) and, when nothing changed, lets
+    every layer reuse the arguments it gathered for its fused op (`StepArgs`, `KernelViews`)
+    instead of re-reading tens of attributes per layer. Plain Python attributes (a norm's eps, a
+    head count) are not watched: they are construction-time settings."""
+
+    __slots__ = ("dicts", "keys", "objects", "tensors", "ptrs")
 
     def __init__(self) -> None:
-        self.args: tuple | None = None
         self.dicts: list[dict] = []
         self.keys: list[str] = []
         self.objects: list = []
+        self.tensors: list[torch.Tensor] = []
+        self.ptrs: list[int] = []
 
-    def get(self, build, *modules: nn.Module) -> tuple:
-        """`build()` the first time and whenever an entry of `modules`' trees changed."""
-        if torch.compiler.is_compiling():
-            return build()
-        if self.args is None or not all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objects)):
+    def unchanged(self, root: nn.Module) -> bool:
+        """False on the first call and after any change (then it starts watching anew)."""
+        if (self.dicts and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objects))
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs):
+            return True
+        entries = [(d, k, o) for m in root.modules() for d in (m._modules, m._parameters, m._buffers)
+                   for k, o in d.items()]
+        self.dicts, self.keys, self.objects = (list(e) for e in zip(*entries))
+        self.tensors = [o for _, _, o in entries if isinstance(o, torch.Tensor)]
+        self.ptrs = list(map(torch.Tensor.data_ptr, self.tensors))
+        return False
+
+
+class StepArgs:
+    """A layer's arguments for its fused decoding op, gathered once and reused while the
+    model's `TreeWatch` says nothing changed (each nn.Module attribute lookup costs about half
+    a microsecond, and a block's step makes tens of them per token)."""
+
+    __slots__ = ("args",)
+
+    def __init__(self) -> None:
+        self.args: tuple | None = None
+
+    def get(self, build, unchanged: bool) -> tuple:
+        """The memo when `unchanged`, else `build()` (and remember it)."""
+        if not unchanged or self.args is None:
             self.args = build()
-            entries = [(d, k, o) for m in modules for sub in m.modules()
-                       for d in (sub._modules, sub._parameters, sub._buffers) for k, o in d.items()]
-            self.dicts, self.keys, self.objects = (list(e) for e in zip(*entries)) if entries else ([], [], [])
         return self.args

@@ -100,9 +100,13 @@ class KernelViews:
             self.pool, self.pool_arrays = pool, tuple(t.numpy() for t in pool) if ok else None
         return self.pool_arrays
 
-    def __call__(self, tensors: tuple[torch.Tensor | None, ...]) -> tuple[np.ndarray, ...] | None:
+    def __call__(self, tensors: tuple[torch.Tensor | None, ...], unchanged: bool = False
+                 ) -> tuple[np.ndarray, ...] | None:
         """Views of `tensors` (an empty array for None), or None when one cannot go to a kernel
-        (not a plain contiguous float32 CPU tensor: a DTensor, bf16, CUDA...)."""
+        (not a plain contiguous float32 CPU tensor: a DTensor, bf16, CUDA...). `unchanged`: the
+        caller knows these are the tensors of the last call, at the same storage."""
+        if unchanged and self.tensors:
+            return self.views
         if len(tensors) == len(self.tensors) and all(map(operator.is_, tensors, self.tensors)) and \
                 [0 if t is None else t.data_ptr() for t in tensors] == self.ptrs:
             return self.views
@@ -120,26 +124,29 @@ class StepRows:
     slots (n,) long: each row's slot (distinct, any order); pos (n,) long: the position of the
     row's token in its slot; doc_start (n,) long: where its document starts in the slot.
     keys: eager hint bounding a global cache to its filled prefix (None: all entries, static).
-    whole: the slots are arange(N) (the pool is read in place, no gather). `fused` is the
-    kernels' step-level rule (`fusable`); `arrays` and `threads` are what the kernels take."""
+    whole: the slots are arange(N) (the pool is read in place, no gather). `unchanged`: no
+    module, parameter or buffer of the model changed since its last step (`layers.state.
+    TreeWatch`), so layers may reuse the arguments they gathered then. `fused` is the kernels'
+    step-level rule (`fusable`); `arrays` and `threads` are what the kernels take."""
 
     slots: torch.Tensor
     pos: torch.Tensor
     doc_start: torch.Tensor
     keys: int | None = None
     whole: bool = False
+    unchanged: bool = False
     fused: bool = False
     arrays: tuple = ()
     threads: int = 1
 
     @classmethod
     def make(cls, x: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, doc_start: torch.Tensor,
-             keys: int | None = None, whole: bool = False) -> "StepRows":
+             keys: int | None = None, whole: bool = False, unchanged: bool = False) -> "StepRows":
         if not fusable(x):
-            return cls(slots, pos, doc_start, keys, whole)
+            return cls(slots, pos, doc_start, keys, whole, unchanged)
         arrays = tuple(t.numpy() if t.dtype == torch.int64 and t.is_contiguous() else t.long().contiguous().numpy()
                        for t in (slots, pos, doc_start))
-        return cls(slots, pos, doc_start, keys, whole, True, arrays, _threads())
+        return cls(slots, pos, doc_start, keys, whole, unchanged, True, arrays, _threads())
 
 
 def fusable(x: torch.Tensor) -> bool:
@@ -188,7 +195,8 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
     (`views`: the caller's memo of its weights' views)."""
     gr_w, gr_b, gi_w, gi_b, lambda_, c, unscaled_reset = lru
     views = views or KernelViews()
-    w = rows.fused and views((norm[0], *linear_y, *linear_x, *conv, gr_w, gr_b, gi_w, gi_b, lambda_, *linear_out))
+    w = rows.fused and views((norm[0], *linear_y, *linear_x, *conv, gr_w, gr_b, gi_w, gi_b, lambda_, *linear_out),
+                             rows.unchanged)
     st = w and views.states(conv_state, h)
     if not st:
         return recurrent_step_reference(x, norm, linear_y, linear_x, conv, lru, linear_out, gelu_approximate,
@@ -244,7 +252,7 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
     """As `attention_step_reference`, fused where `rows.fused` and the tensors allow."""
     inv_freq, rotary_dim, interleaved = rope
     views = views or KernelViews()
-    w = rows.fused and views((norm[0], *q_proj, *k_proj, *v_proj, *o_proj, inv_freq))
+    w = rows.fused and views((norm[0], *q_proj, *k_proj, *v_proj, *o_proj, inv_freq), rows.unchanged)
     st = w and views.states(k_cache, v_cache)
     if not st:
         return attention_step_reference(x, norm, q_proj, k_proj, v_proj, o_proj, num_heads, rope, k_cache,
@@ -272,12 +280,13 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
              views: KernelViews | None = None) -> torch.Tensor:
     """As `mlp_step_reference`, fused where `rows.fused` (default: `fusable(x)`) and the weights allow."""
     fused = fusable(x) if rows is None else rows.fused
-    w = fused and (views or KernelViews())((norm[0], *(gate or (None, None)), *up, *down))
+    w = fused and (views or KernelViews())((norm[0], *(gate or (None, None)), *up, *down),
+                                           rows is not None and rows.unchanged)
     if not w:
         return mlp_step_reference(x, norm, gate, up, down, activation, beta)
     w_gate = np.empty((0, x.shape[1]), np.float32) if gate is None else w[1]
     _kernels().mlp_step(x.numpy(), w[0], norm[2], np.float32(norm[1]), w_gate, *w[2:7], ACTIVATIONS[activation],
-                        np.float32(float(beta)), _threads())
+                        np.float32(float(beta)), _threads() if rows is None else rows.threads)
     FUSED_CALLS["mlp_step"] += 1
     return x
 
@@ -296,11 +305,11 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
     """As `logits_reference` for a step's rows x (n, D) -> (n, V), fused where `rows.fused`
     (default: `fusable(x)`) and the weights allow."""
     fused = fusable(x) if rows is None else rows.fused
-    w = fused and (views or KernelViews())((norm[0], embedding))
+    w = fused and (views or KernelViews())((norm[0], embedding), rows is not None and rows.unchanged)
     if not w:
         return logits_reference(x, norm, embedding, soft_cap)
     out = torch.empty(x.shape[0], embedding.shape[0])
     _kernels().logits_step(x.numpy(), w[0], norm[2], np.float32(norm[1]), w[1],
-                           np.float32(soft_cap or 0.0), out.numpy(), _threads())
+                           np.float32(soft_cap or 0.0), out.numpy(), _threads() if rows is None else rows.threads)
     FUSED_CALLS["logits_step"] += 1
     return out

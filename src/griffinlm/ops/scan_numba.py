@@ -40,7 +40,7 @@ def cpu_fusable(*tensors: torch.Tensor | None) -> bool:
     """Whether a numba kernel may take these tensors (None entries skipped): numba available,
     not being traced by torch.compile (which fuses the torch composition itself), and every
     tensor a plain float32 CPU one (subclasses such as DTensor take the torch path)."""
-    if not available() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not available():
         return False
     present = [t for t in tensors if t is not None]
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
