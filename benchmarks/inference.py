@@ -402,32 +402,36 @@ def bench_bound(args) -> dict:
         rows=rows)
 
 
-def print_bound(res: dict) -> None:
+def bound_markdown(res: dict) -> list[str]:
+    """The --bound results as markdown lines (printed by --bound, and part of the BENCHMARKS section)."""
     w = res["weights"]
-    print(f"\nDecode bound: {res['model']}; pool at {res['length']} tokens per slot; {res['date']}")
-    print(f"CPU: {res['cpu']} (torch capability {res['cpu_capability']}, {res['cores']} cores); "
-          f"{res['threads']} torch thread(s), {res['numba_threads']} numba thread(s); torch {res['torch']}; "
-          f"wall clock, median of {res['repeats']} interleaved repeats")
-    print(f"weights per token: {w['total_params']:,} parameters = {w['bytes'] / 1e6:.1f} MB "
-          f"(nn.Linear {w['params']['linear']:,}, RG-LRU block-diagonal gates {w['params']['block_diagonal']:,}, "
-          f"tied output layer {w['params']['output_layer']:,}); FLOPs per token {res['flops_per_token'] / 1e6:.1f} M")
-    print(f"copy bandwidth {res['copy_bandwidth_gb_s']:.1f} GB/s (bytes moved = 2 x {res['copy_buffer_bytes'] / 1e6:.0f} MB "
-          f"buffer, read + write); bytes term = weight bytes / copy bandwidth")
-    print("flops term = the model's GEMM shapes at M = batch rows, each timed alone with F.linear (FLOPs / GEMM rate); "
-          "attention over the cache and elementwise work are ignored")
-    titles = {"default": f"default step (fused numba kernels at batch <= {res['max_batch_fused']}, torch ops above)",
-              "torch_ops": "torch-ops step (ops.decode_step.MAX_BATCH = 0)"}
+    lines = [f"`python benchmarks/inference.py --bound` ({res['date']}): {res['model']}; pool at {res['length']} "
+             f"tokens per slot. CPU: {res['cpu']} (torch capability {res['cpu_capability']}, {res['cores']} cores); "
+             f"{res['threads']} torch thread(s), {res['numba_threads']} numba thread(s); torch {res['torch']}; wall "
+             f"clock, median of {res['repeats']} interleaved repeats. Weights per token: {w['total_params']:,} "
+             f"parameters = {w['bytes'] / 1e6:.1f} MB (nn.Linear {w['params']['linear']:,}, RG-LRU block-diagonal "
+             f"gates {w['params']['block_diagonal']:,}, tied output layer {w['params']['output_layer']:,}); FLOPs per "
+             f"token {res['flops_per_token'] / 1e6:.1f} M. Bound = max(flops term, bytes term): the flops term times "
+             "the model's GEMM shapes at M = batch rows, each alone with F.linear, in the same run (attention over "
+             "the cache and elementwise work ignored); the bytes term is weight bytes / copy bandwidth "
+             f"({res['copy_bandwidth_gb_s']:.1f} GB/s, counting read + write of a "
+             f"{res['copy_buffer_bytes'] / 1e6:.0f} MB buffer)."]
+    titles = {"default": f"Default step (fused numba kernels at batch <= {res['max_batch_fused']}, torch ops above):",
+              "torch_ops": "Torch-ops step (`ops.decode_step.MAX_BATCH = 0`):"}
     for path, title in titles.items():
-        print(f"\n{title}\n")
-        print("| batch | step ms | bound ms | % of bound | tokens/s | bound by | flops ms | bytes ms | GEMM GFLOP/s "
-              "| fused calls/step |")
-        print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+        lines += ["", title, "",
+                  "| batch | step ms | bound ms | % of bound | tokens/s | bound by | flops ms | bytes ms | GEMM GFLOP/s "
+                  "| fused calls/step |", "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for r in res["rows"]:
             if r["path"] == path:
-                print(f"| {r['batch']} | {r['step_ms']:.3f} | {r['bound_ms']:.3f} | {r['pct_of_bound']:.0f}% | "
-                      f"{r['tok_s']:,.0f} | {r['bound_by']} | {r['flops_ms']:.3f} | {r['bytes_ms']:.3f} | "
-                      f"{r['gemm_gflop_s']:.1f} | {r['fused_calls_per_step']:.0f} |")
-    print(flush=True)
+                lines.append(f"| {r['batch']} | {r['step_ms']:.3f} | {r['bound_ms']:.3f} | {r['pct_of_bound']:.0f}% | "
+                             f"{r['tok_s']:,.0f} | {r['bound_by']} | {r['flops_ms']:.3f} | {r['bytes_ms']:.3f} | "
+                             f"{r['gemm_gflop_s']:.1f} | {r['fused_calls_per_step']:.0f} |")
+    return lines
+
+
+def print_bound(res: dict) -> None:
+    print("\n".join(bound_markdown(res)), flush=True)
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -483,18 +487,14 @@ compiled step all of them, masked. Prompts of different lengths each prefill the
 
 
 HF_NOTE = """The default step (`model.step`) runs, on CPU in float32 at <= 8 rows (`griffinlm.ops.decode_step.MAX_BATCH`),
-the fused numba kernels of `griffinlm/ops/decode_step.py` (kernels in `decode_step_numba.py`): one op per block
-half that splits each weight matrix's rows across the cores and does the block's elementwise work in the same
-pass, reading and writing the stepped slots' rows of the pool in place; "torch ops only" is the same model with
-`MAX_BATCH` patched to 0. At batch 1 a step is bound by reading the
-model's 77 MB of fp32 weights once: eager PyTorch's one-row `addmm` uses one core (about 19 GB/s here) and its
-~100 small ops per block cost more in dispatch than in arithmetic, which is why eager steps (ours with torch ops
-only, and `transformers`') run at about the same speed. At batch 16 the step is bound by matmul arithmetic:
-both implementations run PyTorch's GEMMs and are level; the fused kernels stop at 8 rows, where they were still
-1.4x faster than the torch-ops step (equal at 16). The batch-1 ratio moves with the shared host's speed: five
-full runs on 2026-11-29 (before the slot pool) gave 2.4x (before the per-token overhead of the fused path was
-cut from ~0.9 to ~0.45 ms), then 3.2x, 4.0x, 5.5x and 3.5x; `benchmarks/peer_hf.py` measured 3.7x and 3.8x.
-`python benchmarks/inference.py --bound` measures the step against its GEMM and memory-bandwidth bound."""
+the fused numba ops of `griffinlm/ops/decode_step.py` (kernels in `decode_step_numba.py`): one op per block half
+that splits each weight matrix's rows across the cores and does the block's elementwise work in the same pass,
+reading and writing the stepped slots' rows of the pool in place; "torch ops only" is the same model with
+`MAX_BATCH` patched to 0 (every op through its torch reference). At batch 1 a step is bound by reading the model's
+77 MB of fp32 weights once: eager PyTorch's one-row `addmm` uses one core and its ~100 small ops per block cost more
+in dispatch than in arithmetic, which is why eager steps (ours with torch ops only, and `transformers`') run at
+about the same speed. At batch 16 the step is bound by matmul arithmetic: both implementations run PyTorch's GEMMs.
+The batch-1 ratio moves with the shared host's speed from run to run; the history of runs is below the section."""
 
 
 def markdown(results: dict, long: dict | None) -> str:
@@ -553,6 +553,9 @@ def markdown(results: dict, long: dict | None) -> str:
                   f"{long['state_finite']}; cache {long['cache_bytes_start']:,} bytes at the start and "
                   f"{long['cache_bytes_end']:,} at the end; process RSS {m[0]['rss_mb']:.0f} MiB after "
                   f"{m[0]['tokens']:,} tokens, {m[-1]['rss_mb']:.0f} MiB after {m[-1]['tokens']:,}.", ""]
+    if os.path.exists(BOUND_PATH):
+        with open(BOUND_PATH) as f:
+            lines += bound_markdown(json.load(f)) + [""]
     return "\n".join(lines)
 
 
