@@ -18,36 +18,20 @@ weights (loaded through griffinlm.interop): `generate()` vs `generate()`, greedy
 `--long N` instead runs one N-token Griffin generation (batch 1, sampling) through the same step,
 checking every logit is finite and recording the process memory as it goes.
 
-`--bound` instead measures how close the Griffin decode step (width --width, depth --depth: 512 and
-6 by default) comes to this machine's limits. For each batch B of --bound-batches (1 4 16 64 128),
-from a pool of B slots filled to --bound-length (256) tokens, it times `model.step` (the default
-step: fused numba kernels at B <= ops.decode_step.MAX_BATCH; and the torch-ops step, MAX_BATCH
-patched to 0) and, in the same interleaved repeats (--steps of them, median of each), two probes:
-  - GEMM: `F.linear` at M = B rows on every distinct (out, in) weight shape of the model (the
-    blocks' nn.Linear weights, the RG-LRU's block-diagonal gates as their (bw, bw) blocks and the
-    tied V x D output layer), summed with each shape's multiplicity = FLOPs / GEMM rate, where
-    FLOPs = 2 * B * (those weights' parameters);
-  - copy: `dst.copy_(src)` of a float32 buffer 4x the weights' size; bandwidth = 2 x size / time
-    (read + write counted), and the bytes term = the weights' bytes / bandwidth.
-bound = max(flops term, bytes term); it ignores attention over the cache and elementwise work.
-The tables (wall clock, --threads threads, 2 by default in this mode, numba included) give step ms,
-bound ms, % of bound (bound / step), tokens/s and the binding term; rows go to
-docs/results/decode_bound.json.
+The decode step against this machine's GEMM and bandwidth bound is `benchmarks/decode_bound.py`;
+its latest tables are rendered into the same BENCHMARKS.md section.
 
-Clock: "cpu" (default; --bound always uses "wall") counts this process's CPU time with one
+Clock: "cpu" (default) counts this process's CPU time with one
 thread, which other processes on a shared machine do not inflate; "wall" counts elapsed time.
 
     python benchmarks/inference.py                       # full run, writes JSON, plots, BENCHMARKS.md
     python benchmarks/inference.py --quick               # small lengths, for a smoke test
     python benchmarks/inference.py --long 100000         # the long-generation check
     python benchmarks/inference.py --report-only         # re-render plots/markdown from the JSON
-    python benchmarks/inference.py --bound               # decode step vs its GEMM/bandwidth bound
-    python benchmarks/inference.py --bound --steps 5 --no-write   # a smoke test of --bound
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import copy
 import json
@@ -249,191 +233,6 @@ def long_generation(args, now) -> dict:
                 tok_s=args.long / (now() - t0), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-# --- decode bound ------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def step_weights(model) -> dict:
-    """The weight matrices one decode step reads per token: the blocks' nn.Linear weights, the
-    RG-LRU's block-diagonal gates (H blocks of (bw, bw) each) and the tied output layer (V, D).
-    Returns their (out, in) shapes with multiplicities, and parameter counts by kind."""
-    import torch
-
-    shapes: collections.Counter = collections.Counter()
-    params = {"linear": 0, "block_diagonal": 0, "output_layer": 0}
-    for mod in model.blocks.modules():
-        if isinstance(mod, torch.nn.Linear):
-            shapes[tuple(mod.weight.shape)] += 1
-            params["linear"] += mod.weight.numel()
-    for name, p in model.blocks.named_parameters():
-        if p.dim() == 3:  # (H, bw_in, bw_out): H independent (bw, bw) matmuls
-            shapes[(p.shape[2], p.shape[1])] += p.shape[0]
-            params["block_diagonal"] += p.numel()
-    shapes[tuple(model.embed.weight.shape)] += 1  # logits = x @ embed.T: (V, D)
-    params["output_layer"] = model.embed.weight.numel()
-    return dict(shapes=shapes, params=params, total=sum(params.values()),
-                element_size=model.embed.weight.element_size())
-
-
-def bench_bound(args) -> dict:
-    """Griffin's `model.step` at each batch against max(FLOPs / GEMM rate, weight bytes / copy
-    bandwidth), every quantity measured in the same interleaved repeats (median of each)."""
-    import torch
-    import torch.nn.functional as F
-
-    from griffinlm import LanguageModel
-    from griffinlm.ops import decode_step as ops_step
-
-    now = time.perf_counter  # wall clock: the bound is a rate of the whole machine (all threads)
-    torch.manual_seed(0)
-    model = LanguageModel(model_config("griffin", args)).eval()
-    w = step_weights(model)
-    weight_bytes = w["total"] * w["element_size"]
-    flops_per_token = 2 * w["total"]
-    gen = torch.Generator().manual_seed(0)
-    L, batches, paths = args.bound_length, args.bound_batches, ("default", "torch_ops")
-    # copy buffer: float32, 4x the weights' bytes, so that no cache level holds it
-    numel = 4 * weight_bytes // 4
-    src, dst = torch.ones(numel), torch.zeros(numel)
-    copy_bytes = 2 * src.numel() * src.element_size()  # read + write
-
-    caches, toks, slots = {}, {}, {}
-    probes = {}  # B -> [(x, weight, count, inner)]
-    with torch.no_grad():
-        for B in batches:
-            caches[B] = model.init_cache(B, max_length=L + 1)
-            fill_cache(caches[B], L, gen)
-            toks[B] = torch.randint(0, model.config.vocab_size, (B,), generator=gen)
-            slots[B] = torch.arange(B)
-            # warm-up: numba JIT, allocator, oneDNN primitives for these shapes
-            for path in paths:
-                with torch_ops_only(path == "torch_ops"):
-                    for _ in range(2):
-                        caches[B].positions.fill_(L)
-                        model.step(toks[B], caches[B], slots[B])
-            row = []
-            for (out_f, in_f), count in sorted(w["shapes"].items()):
-                x, wt = torch.randn(B, in_f, generator=gen), torch.randn(out_f, in_f, generator=gen)
-                once = float("inf")
-                for _ in range(3):
-                    t0 = now()
-                    F.linear(x, wt)
-                    once = min(once, now() - t0)
-                once = max(once, 1e-7)
-                row.append((x, wt, count, max(1, min(1000, int(1e-3 / once)))))  # >= ~1 ms per sample
-            probes[B] = row
-        dst.copy_(src)
-
-        def probe(B: int) -> float:
-            """Seconds of the model's GEMMs at M = B rows, each shape timed alone in F.linear."""
-            total = 0.0
-            for x, wt, count, inner in probes[B]:
-                t0 = now()
-                for _ in range(inner):
-                    F.linear(x, wt)
-                total += count * (now() - t0) / inner
-            return total
-
-        step_t = {(B, path): [] for B in batches for path in paths}
-        fused = {(B, path): 0 for B in batches for path in paths}
-        gemm_t = {B: [] for B in batches}
-        copy_t = []
-        for _ in range(args.steps):  # interleaved: every quantity sees the same machine
-            for B in batches:
-                for path in paths:
-                    with torch_ops_only(path == "torch_ops"):
-                        caches[B].positions.fill_(L)  # every repeat steps from length L
-                        calls = sum(ops_step.FUSED_CALLS.values())
-                        t0 = now()
-                        model.step(toks[B], caches[B], slots[B])
-                        step_t[B, path].append(now() - t0)
-                        fused[B, path] += sum(ops_step.FUSED_CALLS.values()) - calls
-                gemm_t[B].append(probe(B))
-            t0 = now()
-            dst.copy_(src)
-            copy_t.append(now() - t0)
-    del src, dst
-
-    med = statistics.median
-    bandwidth = copy_bytes / med(copy_t)
-    bytes_s = weight_bytes / bandwidth
-    rows = []
-    for path in paths:
-        for B in batches:
-            step_s, flops_s = med(step_t[B, path]), med(gemm_t[B])
-            bound_s = max(flops_s, bytes_s)
-            rows.append(dict(path=path, batch=B, step_ms=1e3 * step_s, bound_ms=1e3 * bound_s,
-                             pct_of_bound=100 * bound_s / step_s, tok_s=B / step_s,
-                             bound_by="flops" if flops_s >= bytes_s else "bytes",
-                             flops_ms=1e3 * flops_s, bytes_ms=1e3 * bytes_s,
-                             gemm_gflop_s=flops_per_token * B / flops_s / 1e9,
-                             fused_calls_per_step=fused[B, path] / args.steps))
-    try:
-        import numba
-
-        numba_threads = numba.get_num_threads()
-    except ImportError:  # no numba: no fused kernels, every step runs as torch ops
-        numba_threads = None
-    return dict(
-        date=time.strftime("%Y-%m-%d"), cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        cores=os.cpu_count(), threads=torch.get_num_threads(), numba_threads=numba_threads,
-        torch=torch.__version__, clock="wall", repeats=args.steps, length=L,
-        model=f"griffin, width {args.width}, depth {args.depth}, {args.width // 128} heads of 128 (MQA), "
-              f"lru {args.width}, window {args.window}, vocab {model.config.vocab_size}, float32",
-        weights=dict(params=w["params"], total_params=w["total"], bytes=weight_bytes,
-                     shapes={f"{o}x{i}": n for (o, i), n in sorted(w["shapes"].items())}),
-        flops_per_token=flops_per_token, copy_buffer_bytes=copy_bytes // 2,
-        copy_bandwidth_gb_s=bandwidth / 1e9, max_batch_fused=ops_step.MAX_BATCH,
-        conventions=("step: median wall time of one model.step(tokens, cache, slots) over all B slots, the pool at "
-                     "`length` tokens. FLOPs = 2 x B x weight parameters (the blocks' nn.Linear weights, the RG-LRU "
-                     "block-diagonal gates, the tied V x D output layer); attention over the cache and elementwise "
-                     "work are ignored. flops term = the model's GEMM shapes at M = B rows timed one by one with "
-                     "F.linear, summed with their multiplicities (= FLOPs / GEMM rate). copy bandwidth = 2 x buffer "
-                     "bytes (read + write) / time of dst.copy_(src), buffer 4x the weights; bytes term = weight "
-                     "bytes / copy bandwidth. bound = max of the two; % of bound = bound / step."),
-        rows=rows)
-
-
-def bound_markdown(res: dict) -> list[str]:
-    """The --bound results as markdown lines (printed by --bound, and part of the BENCHMARKS section)."""
-    w = res["weights"]
-    lines = [f"`python benchmarks/inference.py --bound` ({res['date']}): {res['model']}; pool at {res['length']} "
-             f"tokens per slot. CPU: {res['cpu']} (torch capability {res['cpu_capability']}, {res['cores']} cores); "
-             f"{res['threads']} torch thread(s), {res['numba_threads']} numba thread(s); torch {res['torch']}; wall "
-             f"clock, median of {res['repeats']} interleaved repeats. Weights per token: {w['total_params']:,} "
-             f"parameters = {w['bytes'] / 1e6:.1f} MB (nn.Linear {w['params']['linear']:,}, RG-LRU block-diagonal "
-             f"gates {w['params']['block_diagonal']:,}, tied output layer {w['params']['output_layer']:,}); FLOPs per "
-             f"token {res['flops_per_token'] / 1e6:.1f} M. Bound = max(flops term, bytes term): the flops term times "
-             "the model's GEMM shapes at M = batch rows, each alone with F.linear, in the same run (attention over "
-             "the cache and elementwise work ignored); the bytes term is weight bytes / copy bandwidth "
-             f"({res['copy_bandwidth_gb_s']:.1f} GB/s, counting read + write of a "
-             f"{res['copy_buffer_bytes'] / 1e6:.0f} MB buffer)."]
-    titles = {"default": f"Default step (fused numba kernels at batch <= {res['max_batch_fused']}, torch ops above):",
-              "torch_ops": "Torch-ops step (`ops.decode_step.MAX_BATCH = 0`):"}
-    for path, title in titles.items():
-        lines += ["", title, "",
-                  "| batch | step ms | bound ms | % of bound | tokens/s | bound by | flops ms | bytes ms | GEMM GFLOP/s "
-                  "| fused calls/step |", "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
-        for r in res["rows"]:
-            if r["path"] == path:
-                lines.append(f"| {r['batch']} | {r['step_ms']:.3f} | {r['bound_ms']:.3f} | {r['pct_of_bound']:.0f}% | "
-                             f"{r['tok_s']:,.0f} | {r['bound_by']} | {r['flops_ms']:.3f} | {r['bytes_ms']:.3f} | "
-                             f"{r['gemm_gflop_s']:.1f} | {r['fused_calls_per_step']:.0f} |")
-    return lines
-
-
-def print_bound(res: dict) -> None:
-    print("\n".join(bound_markdown(res)), flush=True)
-
-
 # --- report ------------------------------------------------------------------------------------
 def plot(results: dict) -> list[str]:
     import matplotlib
@@ -554,6 +353,8 @@ def markdown(results: dict, long: dict | None) -> str:
                   f"{long['cache_bytes_end']:,} at the end; process RSS {m[0]['rss_mb']:.0f} MiB after "
                   f"{m[0]['tokens']:,} tokens, {m[-1]['rss_mb']:.0f} MiB after {m[-1]['tokens']:,}.", ""]
     if os.path.exists(BOUND_PATH):
+        from decode_bound import bound_markdown  # this folder is on sys.path when run as a script
+
         with open(BOUND_PATH) as f:
             lines += bound_markdown(json.load(f)) + [""]
     return "\n".join(lines)
@@ -587,8 +388,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--prefill-max-tokens", type=int, default=16384)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1; 2 with --bound)")
-    p.add_argument("--clock", choices=list(CLOCKS), default="cpu", help="ignored by --bound (wall clock)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--clock", choices=list(CLOCKS), default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--hf-prompt", type=int, default=256)
@@ -600,33 +401,19 @@ def main(argv=None) -> int:
     p.add_argument("--long-width", type=int, default=256, help="width of the --long model (depth --depth)")
     p.add_argument("--long-compile", action="store_true",
                    help="torch.compile the --long decode step (default: the default step, fused kernels on CPU)")
-    p.add_argument("--bound", action="store_true",
-                   help="run the Griffin decode-step vs GEMM/bandwidth bound tables instead (see the docstring)")
-    p.add_argument("--bound-batches", type=int, nargs="+", default=[1, 4, 16, 64, 128])
-    p.add_argument("--bound-length", type=int, default=256, help="tokens in each slot of the --bound pool")
     p.add_argument("--quick", action="store_true", help="lengths 64 256, 6 steps, small HF run")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--no-write", action="store_true", help="print, do not write JSON/plots/BENCHMARKS.md")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.steps, args.warmup, args.hf_tokens, args.repeats = [64, 256], 6, 1, 8, 1
-    if args.threads is None:
-        args.threads = 2 if args.bound else 1
-    if args.threads == 1 or args.bound:  # --bound: the fused kernels get the same threads as torch
+    if args.threads == 1:
         os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, min(args.threads, os.cpu_count() or 1))))
     import torch
 
     torch.set_num_threads(args.threads)
     now = CLOCKS[args.clock]
     os.makedirs(RESULTS, exist_ok=True)
-    if args.bound:
-        res = bench_bound(args)
-        print_bound(res)
-        if not args.no_write:
-            with open(BOUND_PATH, "w") as f:
-                json.dump(res, f, indent=1)
-            print(f"wrote {os.path.relpath(BOUND_PATH, ROOT)}")
-        return 0
     if args.long:
         res = long_generation(args, now)
         print(json.dumps({k: v for k, v in res.items() if k != "marks"}))

@@ -151,8 +151,9 @@ def test_greedy_generation_identical_to_reference(monkeypatch):
 
 
 @needs_numba
-def test_sees_in_place_weight_updates_and_replaced_parameters():
-    cfg = CONFIGS["griffin"]
+@pytest.mark.parametrize("name", ["griffin", "learnable-beta"])
+def test_sees_in_place_weight_updates_and_replaced_parameters(name):
+    cfg = CONFIGS[name]
     model = make_model(cfg, seed=6)
     prompts = torch.randint(0, cfg.vocab_size, (2, 6))
     run_both(model, prompts, None, steps=2)  # builds the fused views

@@ -107,8 +107,11 @@ class LanguageModel(nn.Module, GenerationMixin):
             raise ValueError(f"tokens must have shape ({shape}), got {tuple(tokens.shape)}")
         if tokens.numel() == 0:
             raise ValueError(f"tokens must be non-empty, got shape {tuple(tokens.shape)}")
-        lo, hi = torch.aminmax(tokens)
-        lo, hi = int(lo), int(hi)
+        if tokens.numel() <= 256:  # a decoding step's few ids: one host copy beats three reductions
+            ids = tokens.reshape(-1).tolist()
+            lo, hi = min(ids), max(ids)
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(tokens))
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} out of range [0, {self.config.vocab_size}) (vocab_size)")

@@ -83,7 +83,7 @@ class KernelViews:
     `.to()`, `load_state_dict` into new tensors or a replaced parameter re-makes them). A layer
     owns one per fused op it calls, so a decoding step does not re-derive ~20 views per op."""
 
-    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays")
+    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound")
 
     def __init__(self) -> None:
         self.tensors: tuple = ()
@@ -91,13 +91,23 @@ class KernelViews:
         self.views: tuple | None = None
         self.pool: tuple = ()
         self.pool_arrays: tuple | None = None
+        # The kernel with every argument but x and the step's rows bound: what an op calls
+        # while nothing changed, so that little Python runs between two kernels of a step.
+        self.bound = None
+
+    def ready(self, rows: "StepRows", *pool: torch.Tensor):
+        """The bound kernel call if it is still valid for this step and state pool, else None."""
+        if rows.unchanged and self.bound is not None and len(pool) == len(self.pool) and all(
+                map(operator.is_, pool, self.pool)):
+            return self.bound
+        return None
 
     def states(self, *pool: torch.Tensor) -> tuple[np.ndarray, ...] | None:
         """Numpy arrays of a state pool's tensors (shared memory; pools are allocated once and
         never reallocated), or None unless they are float32 CPU tensors."""
         if len(pool) != len(self.pool) or not all(map(operator.is_, pool, self.pool)):
             ok = all(t.dtype == torch.float32 and t.device.type == "cpu" and type(t) is torch.Tensor for t in pool)
-            self.pool, self.pool_arrays = pool, tuple(t.numpy() for t in pool) if ok else None
+            self.pool, self.pool_arrays, self.bound = pool, tuple(t.numpy() for t in pool) if ok else None, None
         return self.pool_arrays
 
     def __call__(self, tensors: tuple[torch.Tensor | None, ...], unchanged: bool = False
@@ -112,7 +122,7 @@ class KernelViews:
             return self.views
         ptrs = [0 if t is None else t.data_ptr() for t in tensors]
         ok = all(t is None or _kernel_tensor(t) for t in tensors)
-        self.tensors, self.ptrs = tensors, ptrs
+        self.tensors, self.ptrs, self.bound = tensors, ptrs, None
         self.views = tuple(_EMPTY if t is None else _numpy_view(t.detach()) for t in tensors) if ok else None
         return self.views
 
@@ -193,8 +203,12 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
                    h: torch.Tensor, rows: StepRows, views: KernelViews | None = None) -> torch.Tensor:
     """As `recurrent_step_reference`, fused where `rows.fused` and the tensors allow
     (`views`: the caller's memo of its weights' views)."""
-    gr_w, gr_b, gi_w, gi_b, lambda_, c, unscaled_reset = lru
     views = views or KernelViews()
+    if rows.fused and (call := views.ready(rows, conv_state, h)):
+        call(x.numpy(), rows)
+        FUSED_CALLS["recurrent_step"] += 1
+        return x
+    gr_w, gr_b, gi_w, gi_b, lambda_, c, unscaled_reset = lru
     w = rows.fused and views((norm[0], *linear_y, *linear_x, *conv, gr_w, gr_b, gi_w, gi_b, lambda_, *linear_out),
                              rows.unchanged)
     st = w and views.states(conv_state, h)
@@ -202,9 +216,11 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
         return recurrent_step_reference(x, norm, linear_y, linear_x, conv, lru, linear_out, gelu_approximate,
                                         conv_state, h, rows)
     gelu = ACTIVATIONS["gelu_tanh" if gelu_approximate == "tanh" else "gelu"]
-    _kernels().recurrent_step(x.numpy(), w[0], norm[2], np.float32(norm[1]), *w[1:7], st[0], *w[7:12],
-                              float(c), bool(unscaled_reset), st[1], w[12], w[13],
-                              *rows.arrays, gelu, rows.threads)
+    kernel = _kernels().recurrent_step
+    fixed = (w[0], norm[2], np.float32(norm[1]), *w[1:7], st[0], *w[7:12], float(c), bool(unscaled_reset), st[1],
+             w[12], w[13])
+    views.bound = lambda xa, r: kernel(xa, *fixed, *r.arrays, gelu, r.threads)
+    views.bound(x.numpy(), rows)
     FUSED_CALLS["recurrent_step"] += 1
     return x
 
@@ -250,16 +266,23 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
                    num_heads: int, rope: tuple, k_cache: torch.Tensor, v_cache: torch.Tensor, ring: bool,
                    rows: StepRows, views: KernelViews | None = None) -> torch.Tensor:
     """As `attention_step_reference`, fused where `rows.fused` and the tensors allow."""
-    inv_freq, rotary_dim, interleaved = rope
     views = views or KernelViews()
+    if rows.fused and (call := views.ready(rows, k_cache, v_cache)):
+        call(x.numpy(), rows)
+        FUSED_CALLS["attention_step"] += 1
+        return x
+    inv_freq, rotary_dim, interleaved = rope
     w = rows.fused and views((norm[0], *q_proj, *k_proj, *v_proj, *o_proj, inv_freq), rows.unchanged)
     st = w and views.states(k_cache, v_cache)
     if not st:
         return attention_step_reference(x, norm, q_proj, k_proj, v_proj, o_proj, num_heads, rope, k_cache,
                                         v_cache, ring, rows)
-    _kernels().attention_step(x.numpy(), w[0], norm[2], np.float32(norm[1]), *w[1:9], num_heads, w[9], rotary_dim,
-                              bool(interleaved), st[0], st[1], ring, *rows.arrays,
-                              np.float32(k_cache.shape[3] ** -0.5), rows.threads)
+    kernel = _kernels().attention_step
+    fixed = (w[0], norm[2], np.float32(norm[1]), *w[1:9], num_heads, w[9], rotary_dim, bool(interleaved), st[0], st[1],
+             ring)
+    scale = np.float32(k_cache.shape[3] ** -0.5)
+    views.bound = lambda xa, r: kernel(xa, *fixed, *r.arrays, scale, r.threads)
+    views.bound(x.numpy(), rows)
     FUSED_CALLS["attention_step"] += 1
     return x
 
@@ -279,14 +302,23 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
              beta: float | torch.Tensor = 1.0, rows: StepRows | None = None,
              views: KernelViews | None = None) -> torch.Tensor:
     """As `mlp_step_reference`, fused where `rows.fused` (default: `fusable(x)`) and the weights allow."""
+    views = views or KernelViews()
+    if rows is not None and rows.fused and (call := views.ready(rows)):
+        call(x.numpy(), rows.threads)
+        FUSED_CALLS["mlp_step"] += 1
+        return x
     fused = fusable(x) if rows is None else rows.fused
-    w = fused and (views or KernelViews())((norm[0], *(gate or (None, None)), *up, *down),
-                                           rows is not None and rows.unchanged)
+    w = fused and views((norm[0], *(gate or (None, None)), *up, *down), rows is not None and rows.unchanged)
     if not w:
         return mlp_step_reference(x, norm, gate, up, down, activation, beta)
+    kernel = _kernels().mlp_step
     w_gate = np.empty((0, x.shape[1]), np.float32) if gate is None else w[1]
-    _kernels().mlp_step(x.numpy(), w[0], norm[2], np.float32(norm[1]), w_gate, *w[2:7], ACTIVATIONS[activation],
-                        np.float32(float(beta)), _threads() if rows is None else rows.threads)
+    # beta read now: a learnable Swish beta that changes in place is a parameter update the
+    # model's TreeWatch does not see, so the bound call is only kept for a fixed beta
+    fixed = (w[0], norm[2], np.float32(norm[1]), w_gate, *w[2:7], ACTIVATIONS[activation], np.float32(float(beta)))
+    views.bound = None if isinstance(beta, torch.Tensor) and beta.requires_grad else (
+        lambda xa, threads: kernel(xa, *fixed, threads))
+    kernel(x.numpy(), *fixed, _threads() if rows is None else rows.threads)
     FUSED_CALLS["mlp_step"] += 1
     return x
 
@@ -304,12 +336,19 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
                 rows: StepRows | None = None, views: KernelViews | None = None) -> torch.Tensor:
     """As `logits_reference` for a step's rows x (n, D) -> (n, V), fused where `rows.fused`
     (default: `fusable(x)`) and the weights allow."""
+    views = views or KernelViews()
+    out = torch.empty(x.shape[0], embedding.shape[0])
+    if rows is not None and rows.fused and (call := views.ready(rows)):
+        call(x.numpy(), out.numpy(), rows.threads)
+        FUSED_CALLS["logits_step"] += 1
+        return out
     fused = fusable(x) if rows is None else rows.fused
-    w = fused and (views or KernelViews())((norm[0], embedding), rows is not None and rows.unchanged)
+    w = fused and views((norm[0], embedding), rows is not None and rows.unchanged)
     if not w:
         return logits_reference(x, norm, embedding, soft_cap)
-    out = torch.empty(x.shape[0], embedding.shape[0])
-    _kernels().logits_step(x.numpy(), w[0], norm[2], np.float32(norm[1]), w[1],
-                           np.float32(soft_cap or 0.0), out.numpy(), _threads() if rows is None else rows.threads)
+    kernel = _kernels().logits_step
+    fixed = (w[0], norm[2], np.float32(norm[1]), w[1], np.float32(soft_cap or 0.0))
+    views.bound = lambda xa, oa, threads: kernel(xa, *fixed, oa, threads)
+    views.bound(x.numpy(), out.numpy(), _threads() if rows is None else rows.threads)
     FUSED_CALLS["logits_step"] += 1
     return out

@@ -14,7 +14,7 @@ the number of row chunks, one per thread (`numba.get_num_threads()`, passed in b
 reading it inside a kernel would stop numba from caching the compiled code). Their torch
 references and the dispatch between the two are in `ops/decode_step.py`.
 
-Activation codes (`ACTIVATIONS`): 0 identity, 1 sigmoid, 2 relu, 3 gelu (tanh), 4 gelu (erf),
+Activation codes (`decode_step.ACTIVATIONS`, which maps names to them): 0 identity, 1 sigmoid, 2 relu, 3 gelu (tanh), 4 gelu (erf),
 5 swish with a given beta.
 """
 from __future__ import annotations
@@ -25,8 +25,6 @@ import numpy as np
 from numba import njit, prange
 
 from .rms_norm_numba import norm_row
-
-ACTIVATIONS = {"identity": 0, "sigmoid": 1, "relu": 2, "gelu_tanh": 3, "gelu": 4, "swish": 5}
 
 # reassoc lets LLVM split each dot product over several vector accumulators.
 FM = {"nnan", "ninf", "nsz", "arcp", "contract", "afn", "reassoc"}
