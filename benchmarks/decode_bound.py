@@ -135,11 +135,11 @@ def bench_bound(args) -> dict:
                 for path in paths:
                     with torch_ops_only(path == "torch_ops"):
                         caches[B].positions.fill_(L)  # every repeat steps from length L
-                        calls = sum(ops_step.FUSED_CALLS.values())
+                        calls = sum(ops_step.step_kernel_calls().values())
                         t0 = now()
                         model.step(toks[B], caches[B], slots[B])
                         step_t[B, path].append(now() - t0)
-                        fused[B, path] += sum(ops_step.FUSED_CALLS.values()) - calls
+                        fused[B, path] += sum(ops_step.step_kernel_calls().values()) - calls
                 gemm_t[B].append(probe(B))
             t0 = now()
             dst.copy_(src)

@@ -35,7 +35,9 @@ def test_gated_activation_matches_float64(kind, bias, shape):
     def call(impl, ins):
         return lambda *t: impl(t[0], t[1], kind, *(t[2:] if bias else ()))
 
+    calls = scan_numba.FUSED_CALLS["gated_activation"]
     out, g32 = grads(call(gated_activation, ins32), ins32)
+    assert scan_numba.FUSED_CALLS["gated_activation"] == calls + 1  # the numba op ran
     ref, g64 = grads(call(gated_activation_reference, ins64), ins64)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(g32, g64):
@@ -73,7 +75,9 @@ def test_rms_norm_matches_float64(unit_offset, shape):
     ins32 = [leaf(x), leaf(w)]
     ins64 = [leaf(t.double()) for t in ins32]
     assert norm_fusable(*ins32)
+    calls = scan_numba.FUSED_CALLS["rms_norm"]
     out, g32 = grads(lambda a, b: rms_norm(a, b, 1e-6, unit_offset), ins32)
+    assert scan_numba.FUSED_CALLS["rms_norm"] == calls + 1  # the numba op ran
     ref, g64 = grads(lambda a, b: rms_norm_reference(a, b, 1e-6, unit_offset), ins64)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(g32, g64):

@@ -28,7 +28,9 @@ def inputs(B, T, D, reset_p, with_h0, seed=0):
 def run(impl, dtype, x, gr, gi, log_a, reset, h0, unscaled, g, gl):
     leaves = [t.to(dtype).requires_grad_() for t in (x, gr, gi, log_a)]
     h0l = None if h0 is None else h0.to(dtype).requires_grad_()
+    calls = scan_numba.FUSED_CALLS["rglru"]
     h, hl = rglru(*leaves, 8.0, reset, h0l, unscaled, impl=impl)
+    assert scan_numba.FUSED_CALLS["rglru"] == calls + (impl == "fused")  # the kernel asked for ran
     assert h.dtype == torch.float32 or dtype == torch.float64
     ((h * g.to(h.dtype)).sum() + (hl * gl.to(hl.dtype)).sum()).backward()
     grads = [t.grad for t in leaves] + ([] if h0l is None else [h0l.grad])

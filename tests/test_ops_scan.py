@@ -47,7 +47,9 @@ def check(device, impl, a64, x64, h064, dtype=torch.float32, tol=None, gen=None)
     a = a64.to(device, dtype).requires_grad_()
     x = x64.to(device, dtype).requires_grad_()
     h0 = None if h064 is None else h064.to(device, dtype).requires_grad_()
+    calls = scan_numba.FUSED_CALLS["linear_scan"]
     h, h_last = linear_scan(a, x, h0, impl=impl)
+    assert scan_numba.FUSED_CALLS["linear_scan"] == calls + (impl == "numba")  # the kernel asked for ran
     assert h.dtype == torch.float32 and h_last.dtype == torch.float32
     # The reference sees exactly the (possibly rounded) inputs the kernel saw.
     ar, xr = a.detach().cpu().double(), x.detach().cpu().double()

@@ -1,7 +1,6 @@
 """The slot pool: sequences that arrive, advance and finish independently in one batched step,
 against each sequence's own full forward; fork, snapshot, restore, save/load; bad input."""
 import random
-from collections import Counter
 
 import pytest
 import torch
@@ -99,10 +98,10 @@ def test_staggered_sequences_equal_their_own_forward(arch, dtype):
     model = small(arch, dtype)
     seqs = make_sequences([17, 9, 23, 12, 15, 8], [6, 1, 9, 4, 7, 3], packed_at=3)
     arrivals = [0, 0, 2, 3, 5, 9]
-    before = Counter(decode_step.FUSED_CALLS)
+    before = decode_step.step_kernel_calls()
     run_pool(model, seqs, arrivals, slots_n=4, chunk=4)
     check_against_full_forward(model, seqs, 1e-9 if dtype == torch.float64 else 2e-5)
-    fused = sum((Counter(decode_step.FUSED_CALLS) - before).values())
+    fused = sum((decode_step.step_kernel_calls() - before).values())
     if dtype == torch.float32 and scan_numba.available():
         assert fused > 0  # the float32 run went through the fused kernels
     if dtype == torch.float64:

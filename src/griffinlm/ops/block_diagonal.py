@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .scan_numba import FUSED_CALLS
+
 MIN_ROWS = 64
 
 
@@ -103,4 +105,5 @@ def block_diagonal_linear(x: torch.Tensor, weights: list[torch.Tensor],
                          f"got {[tuple(w.shape) for w in weights]}")
     if not _fusable(x, list(weights), list(biases)):
         return block_diagonal_linear_reference(x, weights, biases)
+    FUSED_CALLS["block_diagonal_linear"] += 1
     return list(_BlockDiagonalLinear.apply(x, *weights, *biases))

@@ -102,6 +102,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"causal_conv1d: x (B, T, C) and weight (W, C) expected, got {tuple(x.shape)} "
                          f"and {tuple(weight.shape)}")
     if fusable(x, weight, bias, state):
+        scan_numba.FUSED_CALLS["causal_conv1d"] += 1
         return _CausalConv1d.apply(x, weight, bias, lags, state)
     if lags is None and state is None:
         W, C = weight.shape

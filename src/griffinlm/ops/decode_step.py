@@ -37,8 +37,14 @@ from .rotary import rotary
 # batch 16 the torch step's GEMMs run at full width and the two are level).
 MAX_BATCH = 8
 
-# Kernel calls per op name; tests read it to check that a fast path really ran.
-FUSED_CALLS: collections.Counter[str] = collections.Counter()
+# Kernel calls per op name (the ops' shared counter); tests read it to check that a fast path ran.
+FUSED_CALLS = scan_numba.FUSED_CALLS
+STEP_OPS = ("recurrent_step", "attention_step", "mlp_step", "logits_step")
+
+
+def step_kernel_calls() -> collections.Counter[str]:
+    """The decoding ops' kernel calls so far (the STEP_OPS entries of FUSED_CALLS)."""
+    return collections.Counter({k: FUSED_CALLS[k] for k in STEP_OPS if FUSED_CALLS[k]})
 
 Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight (out, in), bias (out,) or None)
 Norm = tuple[torch.Tensor, float, bool]  # RMSNorm (weight, eps, unit_offset)

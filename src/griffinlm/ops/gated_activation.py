@@ -78,4 +78,5 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: str,
         raise ValueError(f"gated_activation: unknown kind {kind!r}; expected one of {KINDS}")
     if not fusable(gate, up, gate_bias, up_bias):
         return gated_activation_reference(gate, up, kind, gate_bias, up_bias)
+    scan_numba.FUSED_CALLS["gated_activation"] += 1
     return _GatedActivation.apply(gate, up, gate_bias, up_bias, KINDS.index(kind))

@@ -136,6 +136,7 @@ def linear_scan(
     if impl == "numba":
         if not scan_numba.available():
             raise RuntimeError("linear_scan: impl='numba' requested but numba is not importable")
+        scan_numba.FUSED_CALLS["linear_scan"] += 1
         return scan_numba.LinearScanNumba.apply(a, x, h0)
     if impl == "triton":
         from .scan_triton import linear_scan_triton

@@ -100,6 +100,7 @@ def rglru(
 
         if reset is not None and reset.dtype != torch.bool:
             reset = reset.bool()
+        scan_numba.FUSED_CALLS["rglru"] += 1
         return RGLRUNumba.apply(x, gate_r, gate_i, log_a, c, reset, h0, unscaled_reset)
     if impl != "composed":
         raise ValueError(f"rglru: unknown impl {impl!r}; expected 'fused' or 'composed'")

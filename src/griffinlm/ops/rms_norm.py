@@ -61,4 +61,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, unit_offs
         raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
     if not fusable(x, weight):
         return rms_norm_reference(x, weight, eps, unit_offset)
+    scan_numba.FUSED_CALLS["rms_norm"] += 1
     return _RMSNorm.apply(x, weight, float(eps), bool(unit_offset))

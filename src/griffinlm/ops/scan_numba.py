@@ -13,12 +13,17 @@ pure-torch Function. Kernels are compiled on first use and cached on disk (cache
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 
 import torch
 
 from .buffer_pool import empty_float32
+
+# Calls of each fast path by op name (numba kernels, per-block gate matmuls, Triton), so that a
+# test of a fast path can assert that it ran rather than compare the fallback with itself.
+FUSED_CALLS: collections.Counter[str] = collections.Counter()
 
 # Minimum channels per job: below this the per-step loops are too short to vectorise well.
 _MIN_CHUNK = 128
