@@ -51,6 +51,25 @@ def test_logits_match_transformers(hf_models, name):
     assert diff < TOL
 
 
+@pytest.mark.parametrize("name", ["griffin_rra_d3", "hawk_d2"])
+def test_positions_that_do_not_start_at_zero_match_transformers(hf_models, name):
+    """position_ids 5, 6, ...: the document began before the tokens, so token 0 is no reset
+    (with RecurrentGemma's unscaled reset a forced reset skips its sqrt(1 - a^2) factor)."""
+    hf, path = hf_models[name]
+    ours = load_recurrentgemma(path)
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 24))
+    pos = torch.arange(5, 29).expand(2, -1)
+    with torch.no_grad():
+        want = hf(tokens, position_ids=pos, use_cache=False).logits
+        got = ours(tokens, segment_pos=pos)
+        # the same through the slot pool: a prefill chunk, then one-token steps
+        cache = ours.init_cache(2, max_length=24)
+        first, cache = ours(tokens[:, :10], cache=cache, segment_pos=pos[:, :10])
+        steps = [ours(tokens[:, t:t + 1], cache=cache, segment_pos=pos[:, t:t + 1])[0] for t in range(10, 24)]
+    assert (want - got).abs().max().item() < TOL
+    assert (want - torch.cat([first, *steps], 1)).abs().max().item() < TOL
+
+
 def test_padded_batch(hf_models):
     """Left padding, our convention: each pad is a one-token document, the prompt starts at
     segment_pos 0. Non-pad positions must equal transformers on the unpadded row.

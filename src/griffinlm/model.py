@@ -240,7 +240,7 @@ class LanguageModel(nn.Module, GenerationMixin):
         if segment_pos is None:
             doc_start = cache.doc_start.clone() if whole else cache.doc_start.index_select(0, slots)
         else:
-            doc_start = (pos - segment_pos).clamp(min=0)
+            doc_start = pos - segment_pos  # negative: the document began before the slot's stream
         x = self._embed(tokens)  # (n, D)
         unchanged = not torch.compiler.is_compiling() and self.step_watch.unchanged(self)
         rows = StepRows.make(x, slots, pos, doc_start, keys, whole, unchanged)

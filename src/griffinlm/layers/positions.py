@@ -14,7 +14,9 @@ class Positions:
         abs_pos: (T,) long, position of each token in the stream (cache length + arange(T)).
         segment_pos: (B, T) long, position within the token's document (RoPE uses it).
         doc_start: (B, T) long, absolute position where each token's document starts;
-            nothing before it is visible to the token (attention, conv, recurrence).
+            nothing before it is visible to the token (attention, conv, recurrence). Negative
+            when the document began before the stream (segment_pos larger than the position):
+            then everything in the stream is visible and nothing is reset.
         reset: (B, T) bool, True where a document starts (abs_pos == doc_start).
         packed: False when every row is a single document starting at position 0, which
             lets blocks take unmasked fast paths.
@@ -42,9 +44,9 @@ class Positions:
             packed = offset > 0 and bool((start > 0).any())
             segment_pos = abs_pos[None] - doc_start
         else:
-            doc_start = (abs_pos[None] - segment_pos).clamp(min=0)
-            # A segment_pos that runs past the stream start means the document began before
-            # it (e.g. positions offset by the caller): the whole stream is one document.
-            packed = bool((doc_start != 0).any())
+            # Not clamped at 0: a segment_pos that runs past the stream start means the document
+            # began before it (positions offset by the caller), so its first token is no reset.
+            doc_start = abs_pos[None] - segment_pos
+            packed = bool((doc_start > 0).any())
         reset = abs_pos[None] == doc_start
         return cls(abs_pos, segment_pos, doc_start, reset, packed)

@@ -263,7 +263,9 @@ def attention_step_reference(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj
     if keys is not None and not ring:
         kc, vc = kc[:, :, :keys], vc[:, :, :keys]
     key_pos = key_positions(pos, S, ring)[:, : kc.shape[2]]  # (n, S')
-    mask = (key_pos >= doc_start[:, None]) & (key_pos <= pos[:, None])
+    # key_pos < 0: a ring entry never written (doc_start is negative for a document that began
+    # before the stream)
+    mask = (key_pos >= doc_start[:, None]) & (key_pos <= pos[:, None]) & (key_pos >= 0)
     out = grouped_attention(q, kc, vc, mask[:, None, None], hd ** -0.5)  # (n, H, 1, hd)
     return x + F.linear(out.reshape(B, num_heads * hd), *o_proj)
 

@@ -252,7 +252,7 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_
         best = f32(-np.inf)
         for s in range(visible):
             key_pos = p_b - (p_b - s) % S if ring else s
-            if key_pos < doc_start[b] or key_pos > p_b:  # also a ring slot not written yet (< 0)
+            if key_pos < doc_start[b] or key_pos > p_b or key_pos < 0:  # < 0: a ring entry not written yet
                 scores[s] = -np.inf
                 continue
             ks = k_cache[sb, g, s]
