@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from griffinlm import LanguageModel, ModelCache, ModelConfig
-from griffinlm.config import NOMINAL_PARAMS
 
 ARCHS = ["transformer", "hawk", "griffin"]
 
@@ -93,13 +92,30 @@ def test_gradient_checkpointing_matches():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_preset_parameter_counts(arch):
-    for scale, nominal in NOMINAL_PARAMS.items():
-        cfg = ModelConfig.preset(f"{arch}-{scale}")
-        with torch.device("meta"):
-            n = LanguageModel(cfg).param_count()
-        assert abs(n / nominal - 1) < 0.05, (arch, scale, n)
+# Table 2 of De et al. (2024), copied here as the independent reference:
+# size: (D, D_RNN, depth, heads), the same for all three architectures; head dim 128, window 1024.
+TABLE_2 = {"100m": (768, 1024, 12, 6), "200m": (1024, 1536, 12, 8), "400m": (1536, 2048, 12, 12),
+           "1.3b": (2048, 2560, 24, 16), "3b": (3072, 4096, 24, 24), "7b": (4096, 5632, 32, 32),
+           "14b": (5120, 8192, 40, 40)}
+NOMINAL = {"100m": 100e6, "200m": 200e6, "400m": 400e6, "1.3b": 1.3e9, "3b": 3e9, "7b": 7e9, "14b": 14e9}
+
+
+def test_presets_are_the_papers_table_2_shapes():
+    for size, (D, D_rnn, depth, heads) in TABLE_2.items():
+        counts = {}
+        for arch in ARCHS:
+            cfg = ModelConfig.preset(f"{arch}-{size}")
+            assert (cfg.width, cfg.depth, cfg.num_heads, cfg.resolved_head_dim) == (D, depth, heads, 128), (arch, size)
+            assert cfg.local_window == 1024 and cfg.resolved_mlp_hidden == 3 * D
+            if arch != "transformer":
+                assert cfg.resolved_lru_width == D_rnn
+            with torch.device("meta"):
+                counts[arch] = LanguageModel(cfg).param_count()
+        # at equal shape the MQA Transformer is the smallest, as in the paper; Hawk is the nominal size
+        assert counts["transformer"] < counts["griffin"] < counts["hawk"], (size, counts)
+        assert abs(counts["hawk"] / NOMINAL[size] - 1) < 0.15, (size, counts)
+    with pytest.raises(ValueError, match="known presets: .*griffin-1.3b"):
+        ModelConfig.preset("griffin-1b")
     tiny = [LanguageModel(ModelConfig.preset(f"{a}-tiny")).param_count() for a in ARCHS]
     assert max(tiny) / min(tiny) < 1.1  # the tiny presets are comparable
     assert 2e6 < min(tiny) and max(tiny) < 10e6
@@ -197,3 +213,15 @@ def test_float32_fast_paths_match_float64_model(arch, packed, monkeypatch):
         assert torch.equal(x, x_before)
     torch.testing.assert_close(with_grad.double(), ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast, with_grad.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_info_lists_the_paper_presets(capsys):
+    from griffinlm.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "Table 2" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("hawk-1.3b "))
+    assert "width  2048" in line and "lru  2560" in line and "depth  24" in line and "tokens   25.0B" in line
+    assert main(["info", "--model", "griffin-1b"]) == 2
+    assert "known presets" in capsys.readouterr().err

@@ -30,18 +30,25 @@ def add_info_parser(subparsers) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import ModelConfig
+    from .config import PAPER_TRAINING_TOKENS, ModelConfig
     from .model import LanguageModel
 
     names = [args.model] if args.model else ModelConfig.preset_names()
+    if not args.model:
+        print("Sized presets are the paper's Table 2 shapes (De et al. 2024), the same for all three architectures\n"
+              "(head dim 128, MLP expansion 3, local window 1024; the MQA Transformer is then the smallest, as in\n"
+              "the paper); 'tokens' is the paper's training budget for that size.\n")
     for name in names:
         cfg = ModelConfig.preset(name)
         with torch.device("meta"):
             model = LanguageModel(cfg)
         if args.model:
             print(json.dumps(cfg.to_dict(), indent=2))
-        print(f"{name:18s} params (non-embedding) {model.param_count() / 1e6:10.1f}M   "
-              f"width {cfg.width:5d} depth {cfg.depth:3d} pattern {'/'.join(cfg.block_pattern)}")
+        size = name.split("-", 1)[1]
+        tokens = f"   tokens {PAPER_TRAINING_TOKENS[size] / 1e9:6.1f}B" if size in PAPER_TRAINING_TOKENS else ""
+        lru = f" lru {cfg.resolved_lru_width:5d}" if "recurrent" in cfg.block_pattern else " " * 10
+        print(f"{name:18s} params (non-embedding) {model.param_count() / 1e6:9.1f}M   width {cfg.width:5d}{lru} "
+              f"depth {cfg.depth:3d} heads {cfg.num_heads:3d} pattern {'/'.join(cfg.block_pattern)}{tokens}")
     return 0
 
 

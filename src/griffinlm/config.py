@@ -167,13 +167,15 @@ class ModelConfig:
     # --- presets -----------------------------------------------------------------------
     @classmethod
     def preset_names(cls) -> list[str]:
-        return sorted(_PRESETS)
+        """Every preset name: per architecture, tiny then the paper's sizes in increasing order."""
+        return list(_PRESETS)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         """A named configuration, optionally with fields overridden.
 
-        Names: "{transformer,hawk,griffin}-{tiny,100m,400m,1b,3b,7b,14b}".
+        Names: "{transformer,hawk,griffin}-{tiny,100m,200m,400m,1.3b,3b,7b,14b}"; the sized ones are
+        the paper's Table 2 shapes (`PAPER_SHAPES`), the same for all three architectures.
         """
         if name not in _PRESETS:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(cls.preset_names())}")
@@ -194,33 +196,29 @@ PATTERNS = {
 # Tiny models for tests and the CPU demo: byte vocabulary (256 bytes + BOS/EOS/PAD).
 _TINY = dict(vocab_size=259, width=256, depth=6, num_heads=4, local_window=256, mlp_expansion=3.0)
 
-# The paper's scales (Appendix C, recalled): width, heads (head dim 128), RG-LRU width. The
-# nominal sizes count non-embedding parameters (LanguageModel.param_count); MQA blocks are
-# lighter than recurrent ones, so each architecture gets the depth that reaches the nominal
-# size within 5% (the paper's depths are 12, 12, 18, 24, 32, 40; Hawk keeps them).
-_SCALES = {
-    "100m": dict(width=768, num_heads=6, lru_width=1024),
-    "400m": dict(width=1536, num_heads=12, lru_width=2048),
-    "1b": dict(width=2048, num_heads=16, lru_width=2560),
-    "3b": dict(width=3072, num_heads=24, lru_width=4096),
-    "7b": dict(width=4096, num_heads=32, lru_width=5632),
-    "14b": dict(width=5120, num_heads=40, lru_width=8192),
+# The paper's model sizes (De et al. 2024, Table 2): one shape for all three architectures at each
+# size (width D, RG-LRU width D_RNN, depth, heads of 128; MLP expansion 3, local window 1024), so at
+# equal shape the MQA Transformer has fewer parameters than Hawk and Griffin, as in the paper. The
+# paper trained each size on PAPER_TRAINING_TOKENS tokens (sequence length 2048).
+PAPER_SHAPES = {
+    "100m": dict(width=768, lru_width=1024, depth=12, num_heads=6),
+    "200m": dict(width=1024, lru_width=1536, depth=12, num_heads=8),
+    "400m": dict(width=1536, lru_width=2048, depth=12, num_heads=12),
+    "1.3b": dict(width=2048, lru_width=2560, depth=24, num_heads=16),
+    "3b": dict(width=3072, lru_width=4096, depth=24, num_heads=24),
+    "7b": dict(width=4096, lru_width=5632, depth=32, num_heads=32),
+    "14b": dict(width=5120, lru_width=8192, depth=40, num_heads=40),
 }
-_DEPTHS = {
-    "transformer": {"100m": 15, "400m": 15, "1b": 21, "3b": 29, "7b": 38, "14b": 48},
-    "hawk": {"100m": 12, "400m": 13, "1b": 18, "3b": 24, "7b": 32, "14b": 40},
-    "griffin": {"100m": 13, "400m": 14, "1b": 19, "3b": 26, "7b": 32, "14b": 40},
-}
-NOMINAL_PARAMS = {"100m": 100e6, "400m": 400e6, "1b": 1e9, "3b": 3e9, "7b": 7e9, "14b": 14e9}
+PAPER_TRAINING_TOKENS = {"100m": 1.9e9, "200m": 3.9e9, "400m": 7.8e9, "1.3b": 25e9, "3b": 60e9, "7b": 132.5e9,
+                         "14b": 300e9}
 
 
 def _build_presets() -> dict[str, dict[str, Any]]:
     presets: dict[str, dict[str, Any]] = {}
     for arch, pattern in PATTERNS.items():
         presets[f"{arch}-tiny"] = dict(_TINY, block_pattern=pattern)
-        for scale, dims in _SCALES.items():
-            d = dict(dims, depth=_DEPTHS[arch][scale], block_pattern=pattern, vocab_size=256_000,
-                     local_window=1024)
+        for scale, dims in PAPER_SHAPES.items():
+            d = dict(dims, block_pattern=pattern, vocab_size=256_000, local_window=1024, mlp_expansion=3.0)
             if arch == "transformer":
                 d.pop("lru_width")
             else:
