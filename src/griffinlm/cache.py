@@ -43,6 +43,7 @@ class ModelCache:
     def __post_init__(self) -> None:
         sizes = [c.entries for c in self.blocks if isinstance(c, AttentionCache) and not c.ring]
         self._capacity = min(sizes) if sizes else None  # shapes never change
+        self.all_slots = torch.arange(self.batch_size, device=self.positions.device)  # (N,): every slot in order
 
     @property
     def batch_size(self) -> int:

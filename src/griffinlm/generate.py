@@ -137,20 +137,24 @@ class GenerationMixin:
         else:
             last = torch.stack([self.prefill(r.to(device), cache, b, last_only=True) for b, r in enumerate(rows)])
         active = torch.arange(B, device=device)  # slots still generating, in row order
+        every = True  # every row still generating: slots are the whole pool in order
         for i in range(max_new_tokens):
             nxt = sample_next(last, temperature, generator, top_k, top_p)  # (n_active,)
-            out = torch.full((B,), pad_id, dtype=torch.long, device=device)
-            out[active] = nxt
-            yield out
+            if every:
+                yield nxt
+            else:
+                out = torch.full((B,), pad_id, dtype=torch.long, device=device)
+                out[active] = nxt
+                yield out
             if i == max_new_tokens - 1:
                 return
             if stops is not None:
                 going = ~(nxt[:, None] == stops.index_select(0, active)).any(-1)
                 if not bool(going.all()):
-                    active, nxt = active[going], nxt[going]
+                    active, nxt, every = active[going], nxt[going], False
                     if active.numel() == 0:
                         return
-            last = self.step(nxt, cache, active)
+            last = self.step(nxt, cache, None if every else active, check=False)  # sampled ids, own slots
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,

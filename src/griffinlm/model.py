@@ -213,32 +213,48 @@ class LanguageModel(nn.Module, GenerationMixin):
                              segment_pos)[0]
         return logits[-1] if last_only else logits
 
-    def step(self, tokens: torch.Tensor, cache: ModelCache, slots: SlotIndex) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, cache: ModelCache, slots: SlotIndex | None = None, *,
+             check: bool = True) -> torch.Tensor:
         """Advances each slot in `slots` (n,) by one token from its own position: tokens (n,) long,
-        row b for slot slots[b] (distinct, any order) -> logits (n, vocab_size).
+        row b for slot slots[b] (distinct, any order) -> logits (n, vocab_size). `slots=None`:
+        every slot of the pool, in order (tokens (N,)).
 
         Uses the step compiled by `compile_decode_step` when there is one. A ValueError (bad
-        ids or slots, or a global-attention slot at max_length) leaves the pool unchanged."""
-        self._check_ids(tokens, "n")
-        self._check_cache(cache)
-        index, values = cache.check_slots(slots)
-        if len(values) != tokens.numel():
-            raise ValueError(f"tokens {tuple(tokens.shape)} and slots ({len(values)},) must have one entry per slot")
+        ids or slots, or a global-attention slot at max_length) leaves the pool unchanged.
+        `check=False` skips the id and slot checks (not the length one) for a caller that made
+        both itself, as the generation loop does with sampled ids and its own (n,) long slots."""
+        if slots is None:
+            slots = range(cache.batch_size)
+            if not check:
+                index, whole = cache.all_slots, True
+        if check:
+            self._check_ids(tokens, "n")
+            self._check_cache(cache)
+            index, values = cache.check_slots(slots)
+            if len(values) != tokens.numel():
+                raise ValueError(f"tokens {tuple(tokens.shape)} and slots ({len(values)},) must have one entry "
+                                 "per slot")
+            whole = values == list(range(cache.batch_size))
+        elif not isinstance(slots, range):
+            index = slots
+            whole = index.shape[0] == cache.batch_size and bool(
+                (index == cache.all_slots).all())
         keys = cache.check_room(index, 1)  # eager: global attention reads only the filled prefix
         tokens = tokens.to(cache.positions.device)
         compiled = self.__dict__.get("_compiled_step")
         if compiled is not None:
             return compiled(tokens, cache, index)
-        return self._step(tokens, cache, index, keys, values == list(range(cache.batch_size)))
+        return self._step(tokens, cache, index, keys, whole)
 
     def _step(self, tokens: torch.Tensor, cache: ModelCache, slots: torch.Tensor, keys: int | None = None,
               whole: bool = False, segment_pos: torch.Tensor | None = None) -> torch.Tensor:
         """The unchecked step: tokens (n,), slots (n,) -> logits (n, V); updates the pool in
         place. Static shapes with keys=None, whole=False (what torch.compile captures).
         `segment_pos` (n,) optionally gives each token's position in its document (0: a start)."""
-        pos = cache.positions.clone() if whole else cache.positions.index_select(0, slots)  # (n,)
+        # (n,) each row's position; for the whole pool the pool's own tensors (updated at the end)
+        pos = cache.positions if whole else cache.positions.index_select(0, slots)
         if segment_pos is None:
-            doc_start = cache.doc_start.clone() if whole else cache.doc_start.index_select(0, slots)
+            doc_start = cache.doc_start if whole else cache.doc_start.index_select(0, slots)
         else:
             doc_start = pos - segment_pos  # negative: the document began before the slot's stream
         x = self._embed(tokens)  # (n, D)
