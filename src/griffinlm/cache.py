@@ -93,7 +93,10 @@ class ModelCache:
         cap = self._capacity
         if cap is None:
             return None
-        reach = int(self.positions.index_select(0, slots).max()) + new_tokens
+        if self.positions.device.type == "cpu":  # numpy reads a few CPU ints without torch's op overhead
+            reach = int(self.positions.numpy()[slots.numpy()].max()) + new_tokens
+        else:
+            reach = int(self.positions.index_select(0, slots).max()) + new_tokens
         if reach > cap:
             raise ValueError(f"global attention cache holds {cap} positions per slot but a slot would reach "
                              f"{reach}; pass a larger max_length to init_cache")

@@ -262,8 +262,10 @@ class LanguageModel(nn.Module, GenerationMixin):
         rows = StepRows.make(x, slots, pos, doc_start, keys, whole, unchanged)
         for block, state in zip(self.blocks, cache.blocks):
             x = block.step(x, state, rows)
-        logits = logits_step(x, self.final_norm.op_args(), self.embed.weight, self.config.logits_soft_cap,
-                             rows, self.step_views)
+        logits = self.step_views.run(x, rows)  # the fused output layer's bound call, while nothing changed
+        if logits is None:
+            logits = logits_step(x, self.final_norm.op_args(), self.embed.weight, self.config.logits_soft_cap,
+                                 rows, self.step_views)
         if whole:
             cache.positions.add_(1)
         else:

@@ -144,6 +144,8 @@ class GatedMLP(nn.Module):
         """One token per sequence: x (n, D) residual stream -> x + self(norm(x)) (n, D), one fused
         op on CPU (`ops.decode_step.mlp_step`); `norm` is the block's RMSNorm. The MLP has no
         state: `rows` only carries the step's fused-path decision."""
+        if (out := self.step_views.run(x, rows)) is not None:
+            return out  # the fused op's bound call: nothing changed since the last token
         args = self.step_args.get(lambda: (
             norm.op_args(), (self.gate_proj.weight, self.gate_proj.bias), (self.up_proj.weight, self.up_proj.bias),
             (self.down_proj.weight, self.down_proj.bias), *step_activation(self.act)), rows is not None and rows.unchanged)
@@ -186,6 +188,8 @@ class MLP(nn.Module):
 
     def step(self, x: torch.Tensor, rows: StepRows | None, norm: nn.Module) -> torch.Tensor:
         """One token per sequence: x (n, D) -> x + self(norm(x)) (n, D), as `GatedMLP.step`."""
+        if (out := self.step_views.run(x, rows)) is not None:
+            return out  # the fused op's bound call: nothing changed since the last token
         args = self.step_args.get(lambda: (
             norm.op_args(), None, (self.up_proj.weight, self.up_proj.bias), (self.down_proj.weight, self.down_proj.bias),
             *step_activation(self.act)), rows is not None and rows.unchanged)

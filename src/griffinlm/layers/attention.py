@@ -139,6 +139,8 @@ class MultiQueryAttention(nn.Module):
 
         Row b writes its key/value into slot rows.slots[b] of the pool `state` at position
         rows.pos[b], then attends over that slot's keys of its document (from rows.doc_start[b])."""
+        if (out := self.step_views.run(x, rows, state.k, state.v)) is not None:
+            return out  # the fused op's bound call: nothing changed since the last token
         args = self.step_args.get(lambda: (
             norm.op_args(), *((p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)),
             self.num_heads, self.rope.op_args()), rows.unchanged)

@@ -89,7 +89,7 @@ class KernelViews:
     `.to()`, `load_state_dict` into new tensors or a replaced parameter re-makes them). A layer
     owns one per fused op it calls, so a decoding step does not re-derive ~20 views per op."""
 
-    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound")
+    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound", "name")
 
     def __init__(self) -> None:
         self.tensors: tuple = ()
@@ -97,16 +97,22 @@ class KernelViews:
         self.views: tuple | None = None
         self.pool: tuple = ()
         self.pool_arrays: tuple | None = None
-        # The kernel with every argument but x and the step's rows bound: what an op calls
-        # while nothing changed, so that little Python runs between two kernels of a step.
+        # The kernel with every argument but x and the step's rows bound (and the op's name for
+        # FUSED_CALLS): what `run` calls while nothing changed, so that little Python runs
+        # between two kernels of a step.
         self.bound = None
+        self.name = ""
 
-    def ready(self, rows: "StepRows", *pool: torch.Tensor):
-        """The bound kernel call if it is still valid for this step and state pool, else None."""
-        if rows.unchanged and self.bound is not None and len(pool) == len(self.pool) and all(
-                map(operator.is_, pool, self.pool)):
-            return self.bound
-        return None
+    def run(self, x: torch.Tensor, rows: "StepRows | None", *pool: torch.Tensor) -> torch.Tensor | None:
+        """Runs the bound kernel call on x (n, D) if it is still valid for this step and state
+        pool (nothing changed since it was bound) and returns the op's result; else None, and
+        the caller goes the full way (gathering its arguments, then the op)."""
+        if (rows is None or not rows.fused or not rows.unchanged or self.bound is None or len(pool) != len(self.pool)
+                or not all(map(operator.is_, pool, self.pool))):
+            return None
+        out = self.bound(x.numpy(), rows)
+        FUSED_CALLS[self.name] += 1
+        return x if out is None else out
 
     def states(self, *pool: torch.Tensor) -> tuple[np.ndarray, ...] | None:
         """Numpy arrays of a state pool's tensors (shared memory; pools are allocated once and
@@ -210,10 +216,8 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
     """As `recurrent_step_reference`, fused where `rows.fused` and the tensors allow
     (`views`: the caller's memo of its weights' views)."""
     views = views or KernelViews()
-    if rows.fused and (call := views.ready(rows, conv_state, h)):
-        call(x.numpy(), rows)
-        FUSED_CALLS["recurrent_step"] += 1
-        return x
+    if (out := views.run(x, rows, conv_state, h)) is not None:
+        return out
     gr_w, gr_b, gi_w, gi_b, lambda_, c, unscaled_reset = lru
     w = rows.fused and views((norm[0], *linear_y, *linear_x, *conv, gr_w, gr_b, gi_w, gi_b, lambda_, *linear_out),
                              rows.unchanged)
@@ -225,7 +229,7 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
     kernel = _kernels().recurrent_step
     fixed = (w[0], norm[2], np.float32(norm[1]), *w[1:7], st[0], *w[7:12], float(c), bool(unscaled_reset), st[1],
              w[12], w[13])
-    views.bound = lambda xa, r: kernel(xa, *fixed, *r.arrays, gelu, r.threads)
+    views.bound, views.name = (lambda xa, r: kernel(xa, *fixed, *r.arrays, gelu, r.threads)), "recurrent_step"
     views.bound(x.numpy(), rows)
     FUSED_CALLS["recurrent_step"] += 1
     return x
@@ -275,10 +279,8 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
                    rows: StepRows, views: KernelViews | None = None) -> torch.Tensor:
     """As `attention_step_reference`, fused where `rows.fused` and the tensors allow."""
     views = views or KernelViews()
-    if rows.fused and (call := views.ready(rows, k_cache, v_cache)):
-        call(x.numpy(), rows)
-        FUSED_CALLS["attention_step"] += 1
-        return x
+    if (out := views.run(x, rows, k_cache, v_cache)) is not None:
+        return out
     inv_freq, rotary_dim, interleaved = rope
     w = rows.fused and views((norm[0], *q_proj, *k_proj, *v_proj, *o_proj, inv_freq), rows.unchanged)
     st = w and views.states(k_cache, v_cache)
@@ -289,7 +291,7 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
     fixed = (w[0], norm[2], np.float32(norm[1]), *w[1:9], num_heads, w[9], rotary_dim, bool(interleaved), st[0], st[1],
              ring)
     scale = np.float32(k_cache.shape[3] ** -0.5)
-    views.bound = lambda xa, r: kernel(xa, *fixed, *r.arrays, scale, r.threads)
+    views.bound, views.name = (lambda xa, r: kernel(xa, *fixed, *r.arrays, scale, r.threads)), "attention_step"
     views.bound(x.numpy(), rows)
     FUSED_CALLS["attention_step"] += 1
     return x
@@ -311,10 +313,8 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
              views: KernelViews | None = None) -> torch.Tensor:
     """As `mlp_step_reference`, fused where `rows.fused` (default: `fusable(x)`) and the weights allow."""
     views = views or KernelViews()
-    if rows is not None and rows.fused and (call := views.ready(rows)):
-        call(x.numpy(), rows.threads)
-        FUSED_CALLS["mlp_step"] += 1
-        return x
+    if (out := views.run(x, rows)) is not None:
+        return out
     fused = fusable(x) if rows is None else rows.fused
     w = fused and views((norm[0], *(gate or (None, None)), *up, *down), rows is not None and rows.unchanged)
     if not w:
@@ -325,7 +325,8 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
     # model's TreeWatch does not see, so the bound call is only kept for a fixed beta
     fixed = (w[0], norm[2], np.float32(norm[1]), w_gate, *w[2:7], ACTIVATIONS[activation], np.float32(float(beta)))
     views.bound = None if isinstance(beta, torch.Tensor) and beta.requires_grad else (
-        lambda xa, threads: kernel(xa, *fixed, threads))
+        lambda xa, r: kernel(xa, *fixed, r.threads))
+    views.name = "mlp_step"
     kernel(x.numpy(), *fixed, _threads() if rows is None else rows.threads)
     FUSED_CALLS["mlp_step"] += 1
     return x
@@ -345,18 +346,23 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
     """As `logits_reference` for a step's rows x (n, D) -> (n, V), fused where `rows.fused`
     (default: `fusable(x)`) and the weights allow."""
     views = views or KernelViews()
-    out = torch.empty(x.shape[0], embedding.shape[0])
-    if rows is not None and rows.fused and (call := views.ready(rows)):
-        call(x.numpy(), out.numpy(), rows.threads)
-        FUSED_CALLS["logits_step"] += 1
+    if (out := views.run(x, rows)) is not None:
         return out
+    out = torch.empty(x.shape[0], embedding.shape[0])
     fused = fusable(x) if rows is None else rows.fused
     w = fused and views((norm[0], embedding), rows is not None and rows.unchanged)
     if not w:
         return logits_reference(x, norm, embedding, soft_cap)
     kernel = _kernels().logits_step
     fixed = (w[0], norm[2], np.float32(norm[1]), w[1], np.float32(soft_cap or 0.0))
-    views.bound = lambda xa, oa, threads: kernel(xa, *fixed, oa, threads)
-    views.bound(x.numpy(), out.numpy(), _threads() if rows is None else rows.threads)
+    V = embedding.shape[0]
+
+    def bound(xa: np.ndarray, r: StepRows) -> torch.Tensor:
+        logits = torch.empty(xa.shape[0], V)
+        kernel(xa, *fixed, logits.numpy(), r.threads)
+        return logits
+
+    views.bound, views.name = bound, "logits_step"
+    kernel(x.numpy(), *fixed, out.numpy(), _threads() if rows is None else rows.threads)
     FUSED_CALLS["logits_step"] += 1
     return out
