@@ -57,8 +57,7 @@ class ModelCache:
 
     def nbytes(self) -> int:
         """Bytes held by the pool's tensors."""
-        tensors = [self.positions, self.doc_start] + [t for c in self.blocks for t in c.tensors().values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self._all_tensors())
 
     # --- checks --------------------------------------------------------------------------------
     def check_slots(self, slots: SlotIndex, name: str = "slots") -> tuple[torch.Tensor, list[int]]:
@@ -106,11 +105,8 @@ class ModelCache:
     def reset(self, slots: SlotIndex) -> "ModelCache":
         """Empties `slots` (state zeroed, position 0: the next token starts a new sequence)."""
         idx = self.slot_tensor(slots)
-        for c in self.blocks:
-            for t in c.tensors().values():
-                t.index_fill_(0, idx, 0)
-        self.positions.index_fill_(0, idx, 0)
-        self.doc_start.index_fill_(0, idx, 0)
+        for t in self._all_tensors():
+            t.index_fill_(0, idx, 0)
         return self
 
     def copy_(self, src_slot: int, dst_slots: SlotIndex) -> "ModelCache":

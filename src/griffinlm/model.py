@@ -223,22 +223,19 @@ class LanguageModel(nn.Module, GenerationMixin):
         ids or slots, or a global-attention slot at max_length) leaves the pool unchanged.
         `check=False` skips the id and slot checks (not the length one) for a caller that made
         both itself, as the generation loop does with sampled ids and its own (n,) long slots."""
-        if slots is None:
-            slots = range(cache.batch_size)
-            if not check:
-                index, whole = cache.all_slots, True
         if check:
             self._check_ids(tokens, "n")
             self._check_cache(cache)
-            index, values = cache.check_slots(slots)
+            index, values = cache.check_slots(range(cache.batch_size) if slots is None else slots)
             if len(values) != tokens.numel():
                 raise ValueError(f"tokens {tuple(tokens.shape)} and slots ({len(values)},) must have one entry "
                                  "per slot")
             whole = values == list(range(cache.batch_size))
-        elif not isinstance(slots, range):
+        elif slots is None:
+            index, whole = cache.all_slots, True
+        else:
             index = slots
-            whole = index.shape[0] == cache.batch_size and bool(
-                (index == cache.all_slots).all())
+            whole = index.shape[0] == cache.batch_size and bool((index == cache.all_slots).all())
         keys = cache.check_room(index, 1)  # eager: global attention reads only the filled prefix
         tokens = tokens.to(cache.positions.device)
         compiled = self.__dict__.get("_compiled_step")

@@ -85,6 +85,17 @@ def step_activation(act: nn.Module) -> tuple[str, float | torch.Tensor]:
     raise TypeError(f"no decoding step for activation {type(act).__name__}")
 
 
+def ffn_step(ffn: GatedMLP | MLP, x: torch.Tensor, rows: StepRows | None, norm: nn.Module,
+             gate: nn.Linear | None) -> torch.Tensor:
+    """The one-token step of either feed-forward block (gated with `gate`, plain without)."""
+    if (out := ffn.step_views.run(x, rows)) is not None:
+        return out  # the fused op's bound call: nothing changed since the last token
+    args = ffn.step_args.get(lambda: (
+        norm.op_args(), None if gate is None else (gate.weight, gate.bias), (ffn.up_proj.weight, ffn.up_proj.bias),
+        (ffn.down_proj.weight, ffn.down_proj.bias), *step_activation(ffn.act)), rows is not None and rows.unchanged)
+    return mlp_step(x, *args, rows, ffn.step_views)
+
+
 def plain_parameters(*modules: nn.Module) -> bool:
     """True when every parameter of `modules` is a plain tensor, so their functional form may
     stand in for calling them (not DTensors of a tensor-parallel plan, which acts through
@@ -144,12 +155,7 @@ class GatedMLP(nn.Module):
         """One token per sequence: x (n, D) residual stream -> x + self(norm(x)) (n, D), one fused
         op on CPU (`ops.decode_step.mlp_step`); `norm` is the block's RMSNorm. The MLP has no
         state: `rows` only carries the step's fused-path decision."""
-        if (out := self.step_views.run(x, rows)) is not None:
-            return out  # the fused op's bound call: nothing changed since the last token
-        args = self.step_args.get(lambda: (
-            norm.op_args(), (self.gate_proj.weight, self.gate_proj.bias), (self.up_proj.weight, self.up_proj.bias),
-            (self.down_proj.weight, self.down_proj.bias), *step_activation(self.act)), rows is not None and rows.unchanged)
-        return mlp_step(x, *args, rows, self.step_views)
+        return ffn_step(self, x, rows, norm, self.gate_proj)
 
 
 # Row-chunked inference MLP: hidden tensors of a chunk (3 of rows x M float32) within this budget.
@@ -188,9 +194,4 @@ class MLP(nn.Module):
 
     def step(self, x: torch.Tensor, rows: StepRows | None, norm: nn.Module) -> torch.Tensor:
         """One token per sequence: x (n, D) -> x + self(norm(x)) (n, D), as `GatedMLP.step`."""
-        if (out := self.step_views.run(x, rows)) is not None:
-            return out  # the fused op's bound call: nothing changed since the last token
-        args = self.step_args.get(lambda: (
-            norm.op_args(), None, (self.up_proj.weight, self.up_proj.bias), (self.down_proj.weight, self.down_proj.bias),
-            *step_activation(self.act)), rows is not None and rows.unchanged)
-        return mlp_step(x, *args, rows, self.step_views)
+        return ffn_step(self, x, rows, norm, None)

@@ -25,7 +25,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, T, hd); positions: (B, T) or (T,) integer positions. Returns x rotated."""
-        return rotary(x, positions, self.inv_freq, self.rotary_dim, self.pairing == "interleaved")
+        return rotary(x, positions, *self.op_args())
 
     def op_args(self) -> tuple[torch.Tensor, int, bool]:
         """(inv_freq, rotary_dim, interleaved): this embedding as the arguments of `ops.rotary`."""

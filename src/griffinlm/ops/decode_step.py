@@ -79,15 +79,16 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray:
 
 
 def _kernel_tensor(t: torch.Tensor) -> bool:
-    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
-            and t.is_contiguous())
+    """The ops' shared rule (`scan_numba.cpu_fusable`) plus contiguity: the kernels index raw memory."""
+    return scan_numba.cpu_fusable(t) and t.is_contiguous()
 
 
 class KernelViews:
     """The numpy views an op hands its kernel for one layer's weights, made once and kept while
     the same tensor objects sit at the same storage (an optimizer's in-place update keeps them;
     `.to()`, `load_state_dict` into new tensors or a replaced parameter re-makes them). A layer
-    owns one per fused op it calls, so a decoding step does not re-derive ~20 views per op."""
+    owns one per fused op it calls, so a decoding step does not re-derive ~20 views per op, and
+    tries `run` (the op's bound kernel call) before gathering the op's arguments at all."""
 
     __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound", "name")
 
@@ -118,7 +119,7 @@ class KernelViews:
         """Numpy arrays of a state pool's tensors (shared memory; pools are allocated once and
         never reallocated), or None unless they are float32 CPU tensors."""
         if len(pool) != len(self.pool) or not all(map(operator.is_, pool, self.pool)):
-            ok = all(t.dtype == torch.float32 and t.device.type == "cpu" and type(t) is torch.Tensor for t in pool)
+            ok = all(map(_kernel_tensor, pool))
             self.pool, self.pool_arrays, self.bound = pool, tuple(t.numpy() for t in pool) if ok else None, None
         return self.pool_arrays
 
@@ -216,8 +217,6 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
     """As `recurrent_step_reference`, fused where `rows.fused` and the tensors allow
     (`views`: the caller's memo of its weights' views)."""
     views = views or KernelViews()
-    if (out := views.run(x, rows, conv_state, h)) is not None:
-        return out
     gr_w, gr_b, gi_w, gi_b, lambda_, c, unscaled_reset = lru
     w = rows.fused and views((norm[0], *linear_y, *linear_x, *conv, gr_w, gr_b, gi_w, gi_b, lambda_, *linear_out),
                              rows.unchanged)
@@ -279,8 +278,6 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
                    rows: StepRows, views: KernelViews | None = None) -> torch.Tensor:
     """As `attention_step_reference`, fused where `rows.fused` and the tensors allow."""
     views = views or KernelViews()
-    if (out := views.run(x, rows, k_cache, v_cache)) is not None:
-        return out
     inv_freq, rotary_dim, interleaved = rope
     w = rows.fused and views((norm[0], *q_proj, *k_proj, *v_proj, *o_proj, inv_freq), rows.unchanged)
     st = w and views.states(k_cache, v_cache)
@@ -313,8 +310,6 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
              views: KernelViews | None = None) -> torch.Tensor:
     """As `mlp_step_reference`, fused where `rows.fused` (default: `fusable(x)`) and the weights allow."""
     views = views or KernelViews()
-    if (out := views.run(x, rows)) is not None:
-        return out
     fused = fusable(x) if rows is None else rows.fused
     w = fused and views((norm[0], *(gate or (None, None)), *up, *down), rows is not None and rows.unchanged)
     if not w:
@@ -346,13 +341,11 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
     """As `logits_reference` for a step's rows x (n, D) -> (n, V), fused where `rows.fused`
     (default: `fusable(x)`) and the weights allow."""
     views = views or KernelViews()
-    if (out := views.run(x, rows)) is not None:
-        return out
-    out = torch.empty(x.shape[0], embedding.shape[0])
     fused = fusable(x) if rows is None else rows.fused
     w = fused and views((norm[0], embedding), rows is not None and rows.unchanged)
     if not w:
         return logits_reference(x, norm, embedding, soft_cap)
+    out = torch.empty(x.shape[0], embedding.shape[0])
     kernel = _kernels().logits_step
     fixed = (w[0], norm[2], np.float32(norm[1]), w[1], np.float32(soft_cap or 0.0))
     V = embedding.shape[0]
