@@ -4,11 +4,15 @@ For the width-512 configuration of the benchmarks (weights 512x1536, 1536x512 an
 tied 256x512 output layer) and M rows (decode-sized to prefill-sized), it times, in the same
 process and interleaved:
   - fp32 `F.linear` (PyTorch's default CPU GEMM, MKL on x86),
+  - fp32 oneDNN on the weight as it is (`torch.ops.mkldnn._linear_pointwise`),
   - fp32 oneDNN with the weight prepacked once (`torch.ops.mkldnn._reorder_linear_weight`, then
     `torch.ops.mkldnn._linear_pointwise`), the result checked against `F.linear`,
   - bf16 `F.linear` (where the CPU has native bf16, `torch.ops.mkldnn._is_mkldnn_bf16_supported()`),
 and, for the training products at the largest M, fp32 `g @ W` (grad input) and `g.T @ x` (grad
-weight). Each figure is the median over --repeats interleaved rounds; GFLOP/s = 2 M N K / time.
+weight), each with torch's default and with oneDNN (operands transposed into place, as `ops.linear`
+does), and `griffinlm.ops.linear` itself (the backend it chose for the shape, its call overhead
+included). `peak_rates` is the best of these per dtype, imported by the other benchmarks as their
+bound. Each figure is the median over --repeats interleaved rounds; GFLOP/s = 2 M N K / time.
 
     python benchmarks/gemm.py                  # writes docs/results/gemm.json
     python benchmarks/gemm.py --repeats 5 --no-write
@@ -44,13 +48,36 @@ def backends(x, w):
     import torch
     import torch.nn.functional as F
 
-    out = {"fp32 F.linear": lambda: F.linear(x, w)}
+    lp = torch.ops.mkldnn._linear_pointwise
+    out = {"fp32 F.linear": lambda: F.linear(x, w),
+           "fp32 oneDNN": lambda: lp(x, w, None, "none", [], "")}
     packed = torch.ops.mkldnn._reorder_linear_weight(w, x.shape[0])
-    out["fp32 oneDNN prepacked"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    out["fp32 oneDNN prepacked"] = lambda: lp(x, packed, None, "none", [], "")
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         xb, wb = x.bfloat16(), w.bfloat16()
         out["bf16 F.linear"] = lambda: F.linear(xb, wb)
     return out
+
+
+def peak_rates(rows: int = 4096, shapes=SHAPES, clock=time.perf_counter, repeats: int = 2) -> dict[str, float]:
+    """Best rate in FLOP/s over the model's weight shapes at `rows` rows: "fp32" (the best fp32
+    backend: F.linear or oneDNN, prepacked or not), "fp32 F.linear" alone, and "bf16" where the CPU
+    has it. The denominator of every MFU and "% of bound" in the benchmarks, measured in their run."""
+    import torch
+
+    best: dict[str, float] = {}
+    for N, K in shapes:
+        x, w = torch.randn(rows, K), torch.randn(N, K) / K ** 0.5
+        for name, fn in backends(x, w).items():
+            fn()
+            for _ in range(repeats):
+                t = clock()
+                fn()
+                rate = 2 * rows * N * K / max(clock() - t, 1e-9)
+                key = "bf16" if name.startswith("bf16") else name if name == "fp32 F.linear" else "fp32 oneDNN"
+                best[key] = max(best.get(key, 0.0), rate)
+    best["fp32"] = max(best["fp32 F.linear"], best["fp32 oneDNN"])
+    return best
 
 
 def main(argv=None) -> int:
@@ -63,6 +90,9 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
+    from griffinlm.ops.gemm_backend import CHOICES
+    from griffinlm.ops.linear import linear
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows, checks = [], []
@@ -70,14 +100,18 @@ def main(argv=None) -> int:
         for N, K in SHAPES:
             x, w = torch.randn(M, K), torch.randn(N, K) / K ** 0.5
             fns = backends(x, w)
+            fns["ops.linear (chosen)"] = lambda x=x, w=w: linear(x, w)
             ref = F.linear(x, w)
             got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, M), None,
                                                      "none", [], "")
             checks.append(float((got - ref).abs().max() / ref.abs().max()))
             if M == max(args.rows):  # the two backward products of a training step
-                g = torch.randn(M, N)
+                g, lp = torch.randn(M, N), torch.ops.mkldnn._linear_pointwise
                 fns["fp32 grad input g @ W"] = lambda g=g, w=w: g @ w
+                fns["fp32 oneDNN grad input"] = lambda g=g, w=w: lp(g, w.t().contiguous(), None, "none", [], "")
                 fns["fp32 grad weight g.T @ x"] = lambda g=g, x=x: g.t() @ x
+                fns["fp32 oneDNN grad weight"] = lambda g=g, x=x: lp(g.t().contiguous(), x.t().contiguous(), None,
+                                                                     "none", [], "")
             times = {k: [] for k in fns}
             for i in range(args.repeats):
                 for k in (list(fns) if i % 2 else list(fns)[::-1]):
@@ -88,7 +122,7 @@ def main(argv=None) -> int:
     res = dict(date=time.strftime("%Y-%m-%d"), cpu_capability=torch.backends.cpu.get_cpu_capability(),
                cores=os.cpu_count(), threads=args.threads, torch=torch.__version__,
                bf16=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), repeats=args.repeats,
-               onednn_max_rel_error=max(checks), rows=rows)
+               onednn_max_rel_error=max(checks), rows=rows, ops_linear_choices=CHOICES.current())
     print(f"GEMM rates ({res['date']}; CPU capability {res['cpu_capability']}, {res['cores']} cores, "
           f"{args.threads} threads; torch {res['torch']}; native bf16: {res['bf16']}; oneDNN vs F.linear max "
           f"relative error {res['onednn_max_rel_error']:.1e}); GFLOP/s, median of {args.repeats} interleaved rounds:\n")

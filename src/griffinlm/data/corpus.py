@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..user_cache import cache_dir
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -35,14 +36,6 @@ HELDOUT_FRACTION = 0.01
 _TEST_DIRS = {"test", "tests", "idle_test", "unittest_test"}
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _BLOCK = 1 << 22  # bytes read at a time from a single large file
-
-
-def cache_dir() -> str:
-    """$GRIFFINLM_CACHE, else $XDG_CACHE_HOME/griffinlm, else ~/.cache/griffinlm."""
-    if os.environ.get("GRIFFINLM_CACHE"):
-        return os.environ["GRIFFINLM_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "griffinlm")
 
 
 @dataclass(frozen=True)

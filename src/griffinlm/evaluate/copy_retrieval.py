@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data import SyntheticSampler, answer_accuracy, make_task
-from ..train.loop import autocast
+from ..precision import autocast
 from .archs import ARCH_LABELS, ARCHS, matched_archs
 from .report import md_table, pyplot, write_report
 from .study import StudyContext, resolve_settings, settings_dict

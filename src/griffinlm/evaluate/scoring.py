@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import LanguageModel
-from ..train.loop import autocast
+from ..precision import autocast
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ import torch
 from ..config import ModelConfig
 from ..data import Batch
 from ..model import LanguageModel
-from ..train.loop import autocast, masked_nats
+from ..precision import autocast
+from ..train.loop import masked_nats
 from ..train.optim import lr_at, make_optimizer
 
 

@@ -18,6 +18,8 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     p.add_argument("--tokenizer", default=None, help="override: 'byte' or a tokenizer file")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="GEMM precision (auto: bf16 on GPU, fp32 on CPU; bf16 on CPU needs native bf16)")
     p.add_argument("--no-bos", action="store_true", help="do not start the prompt with BOS")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     p.add_argument("--stop", action="append", default=None, metavar="STR",
@@ -34,12 +36,14 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..generate import check_sampling
+    from ..precision import autocast
     from .text import check_stop, load_for_inference, stream_text
 
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, args.top_p)
     check_stop(args.stop)
+    precision = autocast(torch.device(args.device), args.dtype)  # refuses bf16 where the CPU lacks it
     model, tok = load_for_inference(args.checkpoint, args.device, args.tokenizer)
     if args.compile:
         model.compile_decode_step()
@@ -52,7 +56,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         out.write(args.prompt)
         out.flush()
     start, pieces = time.perf_counter(), 0
-    with torch.no_grad():
+    with torch.no_grad(), precision:
         for piece in stream:
             out.write(piece)
             out.flush()

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from ..ops import gated_activation
 from ..ops.decode_step import KernelViews, StepRows, mlp_step
+from ..ops.linear import linear
 from .state import StepArgs
+from .linear import Linear
 
 GATED = ("glu", "bilinear", "reglu", "geglu", "swiglu")
 UNGATED = ("relu", "gelu", "swish")
@@ -119,9 +121,9 @@ class GatedMLP(nn.Module):
         if activation not in GATED:
             raise ValueError(f"GatedMLP activation must be one of {GATED}, got {activation!r}")
         self.activation = activation
-        self.gate_proj = nn.Linear(width, hidden, bias=bias)
-        self.up_proj = nn.Linear(width, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, width, bias=bias)
+        self.gate_proj = Linear(width, hidden, bias=bias)
+        self.up_proj = Linear(width, hidden, bias=bias)
+        self.down_proj = Linear(hidden, width, bias=bias)
         self.act = make_activation(activation, gelu_approximate, learnable_beta)
         self.step_args, self.step_views = StepArgs(), KernelViews()  # memos of the step's arguments
         # act(gate) * up as one fused op where one exists (GeGLU with tanh GeLU, SwiGLU with beta 1)
@@ -145,7 +147,7 @@ class GatedMLP(nn.Module):
         if self.fused_kind is not None:
             if self.gate_proj.bias is not None and plain_parameters(self.gate_proj, self.up_proj):
                 # biases folded into the fused op instead of a broadcast copy inside addmm
-                gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)
+                gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
                 return self.down_proj(gated_activation(gate, up, self.fused_kind, self.gate_proj.bias,
                                                        self.up_proj.bias))
             return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self.fused_kind))
@@ -184,8 +186,8 @@ class MLP(nn.Module):
         if activation not in UNGATED:
             raise ValueError(f"MLP activation must be one of {UNGATED}, got {activation!r}")
         self.activation = activation
-        self.up_proj = nn.Linear(width, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, width, bias=bias)
+        self.up_proj = Linear(width, hidden, bias=bias)
+        self.down_proj = Linear(hidden, width, bias=bias)
         self.act = make_activation(activation, gelu_approximate, learnable_beta)
         self.step_args, self.step_views = StepArgs(), KernelViews()  # memos of the step's arguments
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..ops import causal_attention
 from ..ops.decode_step import KernelViews, StepRows, attention_step
 from ..ops.local_attention import grouped_attention
+from .linear import Linear
 from .norm import RMSNorm
 from .positions import Positions
 from .state import SlotState, StepArgs
@@ -87,10 +88,10 @@ class MultiQueryAttention(nn.Module):
                  rope_pairing: str = "split_half", qkv_bias: bool = False, out_bias: bool = False) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.num_kv_heads, self.window = num_heads, head_dim, num_kv_heads, window
-        self.q_proj = nn.Linear(width, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(width, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(width, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, width, bias=out_bias)
+        self.q_proj = Linear(width, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(width, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(width, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = Linear(num_heads * head_dim, width, bias=out_bias)
         self.rope = RotaryEmbedding(head_dim, rope_fraction, rope_base, rope_pairing)
         self.step_args, self.step_views = StepArgs(), KernelViews()  # memos of the step's arguments
 

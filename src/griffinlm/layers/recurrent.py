@@ -14,8 +14,10 @@ import torch.nn.functional as F
 
 from ..ops import gated_activation
 from ..ops.decode_step import KernelViews, StepRows, recurrent_step
+from ..ops.linear import linear
 from .activations import plain_parameters
 from .conv import Conv1D
+from .linear import Linear
 from .norm import RMSNorm
 from .positions import Positions
 from .rglru import RGLRU
@@ -47,11 +49,11 @@ class RecurrentBlock(nn.Module):
                  max_rad: float = 0.999, unscaled_reset: bool = False) -> None:
         super().__init__()
         self.lru_width, self.conv_width, self.gelu_approximate = lru_width, conv_width, gelu_approximate
-        self.linear_y = nn.Linear(width, lru_width, bias=bias)
-        self.linear_x = nn.Linear(width, lru_width, bias=bias)
+        self.linear_y = Linear(width, lru_width, bias=bias)
+        self.linear_x = Linear(width, lru_width, bias=bias)
         self.conv1d = Conv1D(lru_width, conv_width, bias=conv_bias)
         self.rg_lru = RGLRU(lru_width, num_blocks, lru_c, lru_init, min_rad, max_rad, unscaled_reset)
-        self.linear_out = nn.Linear(lru_width, width, bias=bias)
+        self.linear_out = Linear(lru_width, width, bias=bias)
         self.step_args, self.step_views = StepArgs(), KernelViews()  # memos of the step's arguments
 
     def init_cache(self, batch: int, device=None, dtype=torch.float32) -> RecurrentCache:
@@ -61,7 +63,7 @@ class RecurrentBlock(nn.Module):
                 offset: int = 0) -> torch.Tensor:
         fold = self.gelu_approximate == "tanh" and plain_parameters(self.linear_y)
         # (B, T, D_rnn) before its GeLU; with `fold` also before its bias (added in the fused op)
-        y = F.linear(x, self.linear_y.weight) if fold else self.linear_y(x)
+        y = linear(x, self.linear_y.weight) if fold else self.linear_y(x)
         u = self.linear_x(x)  # (B, T, D_rnn)
         u, conv_state = self.conv1d(u, pos, None if cache is None else cache.conv)
         h, h_last = self.rg_lru(u, pos.reset, None if cache is None else cache.rnn)

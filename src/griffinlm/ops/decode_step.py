@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from . import scan_numba
 from .block_diagonal import block_diagonal_linear
 from .causal_conv1d import causal_conv1d_step
+from .linear import linear
 from .local_attention import grouped_attention
 from .rglru import log_a_from_lambda, rglru_step
 from .rms_norm import rms_norm
@@ -201,14 +202,14 @@ def recurrent_step_reference(x: torch.Tensor, norm: Norm, linear_y: Linear, line
     state h (N, R) float32 updated in place at rows `rows.slots`. `lru`: `RGLRU.op_args()`."""
     slots, pos, doc_start = rows.slots, rows.pos, rows.doc_start
     n = rms_norm(x, *norm)
-    y = F.gelu(F.linear(n, *linear_y), approximate=gelu_approximate)
-    u = causal_conv1d_step(F.linear(n, *linear_x), *conv, conv_state, slots, pos - doc_start)
+    y = F.gelu(linear(n, *linear_y), approximate=gelu_approximate)
+    u = causal_conv1d_step(linear(n, *linear_x), *conv, conv_state, slots, pos - doc_start)
     gr_w, gr_b, gi_w, gi_b, lambda_, c, unscaled_reset = lru
     gate_r, gate_i = block_diagonal_linear(u, [gr_w, gi_w], [gr_b, gi_b])
     h_new = rglru_step(u, gate_r, gate_i, log_a_from_lambda(lambda_), h.index_select(0, slots), c,
                        pos == doc_start, unscaled_reset)
     h.index_copy_(0, slots, h_new.to(h.dtype))
-    return x + F.linear(h_new.to(x.dtype) * y, *linear_out)
+    return x + linear(h_new.to(x.dtype) * y, *linear_out)
 
 
 def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Linear, conv: Linear,
@@ -256,9 +257,9 @@ def attention_step_reference(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj
     Hkv, S, hd = k_cache.shape[1:]
     n = rms_norm(x, *norm)
     seg = (pos - doc_start)[:, None]  # (n, 1) position within the document
-    q = rotary(F.linear(n, *q_proj).view(B, num_heads, 1, hd), seg, *rope)
-    k = rotary(F.linear(n, *k_proj).view(B, Hkv, 1, hd), seg, *rope)
-    v = F.linear(n, *v_proj).view(B, Hkv, 1, hd)
+    q = rotary(linear(n, *q_proj).view(B, num_heads, 1, hd), seg, *rope)
+    k = rotary(linear(n, *k_proj).view(B, Hkv, 1, hd), seg, *rope)
+    v = linear(n, *v_proj).view(B, Hkv, 1, hd)
     at = torch.remainder(pos, S) if ring else pos
     k_cache[slots, :, at] = k[:, :, 0].to(k_cache.dtype)
     v_cache[slots, :, at] = v[:, :, 0].to(v_cache.dtype)
@@ -270,7 +271,7 @@ def attention_step_reference(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj
     # before the stream)
     mask = (key_pos >= doc_start[:, None]) & (key_pos <= pos[:, None]) & (key_pos >= 0)
     out = grouped_attention(q, kc, vc, mask[:, None, None], hd ** -0.5)  # (n, H, 1, hd)
-    return x + F.linear(out.reshape(B, num_heads * hd), *o_proj)
+    return x + linear(out.reshape(B, num_heads * hd), *o_proj)
 
 
 def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear,
@@ -300,9 +301,9 @@ def mlp_step_reference(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Lin
     """x (n, D) + down(act(gate(m)) * up(m)) with m = RMSNorm(x); without `gate` the plain
     down(act(up(m)))."""
     m = rms_norm(x, *norm)
-    u = F.linear(m, *up)
-    hidden = activation_reference(u if gate is None else F.linear(m, *gate), activation, beta)
-    return x + F.linear(hidden if gate is None else hidden * u, *down)
+    u = linear(m, *up)
+    hidden = activation_reference(u if gate is None else linear(m, *gate), activation, beta)
+    return x + linear(hidden if gate is None else hidden * u, *down)
 
 
 def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down: Linear, activation: str,
@@ -330,7 +331,7 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
 # --- output layer --------------------------------------------------------------------------------
 def logits_reference(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: float | None) -> torch.Tensor:
     """(..., D) -> (..., V): final RMSNorm, tied output layer, then cap * tanh(logits / cap)."""
-    logits = F.linear(rms_norm(x, *norm), embedding)
+    logits = linear(rms_norm(x, *norm), embedding)
     if soft_cap is not None:
         logits = torch.tanh(logits.float() / soft_cap) * soft_cap
     return logits

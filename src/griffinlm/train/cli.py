@@ -70,7 +70,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept")
     p.add_argument("--out", default=None, help="run directory; unset: runs/MODEL")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (bf16 autocast on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=d.dtype,
+                   help="GEMM precision: auto = bf16 autocast on GPU, fp32 on CPU; bf16 on CPU needs native "
+                        "bf16 (AVX512-BF16/AMX): bf16 GEMMs, fp32 weights, norms, RG-LRU and loss")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch; unset: torch's choice")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -116,7 +119,7 @@ def run_train(args: argparse.Namespace) -> int:
             warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
             beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip, seed=args.seed,
             eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every,
-            keep_last=args.keep_last, device=args.device, grad_checkpointing=args.grad_checkpointing,
+            keep_last=args.keep_last, device=args.device, dtype=args.dtype, grad_checkpointing=args.grad_checkpointing,
             progress=not args.no_progress, tensorboard=not args.no_tensorboard, plot=not args.no_plot,
             sample_tokens=args.sample_tokens, sample_prompt=args.sample_prompt,
             sample_temperature=args.temperature)
@@ -160,6 +163,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many sequences")
     p.add_argument("--text-field", default=None, help="JSONL field holding the text; unset: as trained")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="GEMM precision (auto: bf16 on GPU, fp32 on CPU; bf16 on CPU needs native bf16)")
     p.set_defaults(func=run_eval)
     return p
 
@@ -168,10 +173,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError, load_model
     from ..data import PackedSequences, eval_batches, load_tokenizer, open_corpus
     from .data import SYNTHETIC_PREFIX, open_run_data
+    from ..precision import compute_dtype
     from .loop import evaluate, resolve_device
 
     try:
         device = resolve_device(args.device)
+        compute_dtype(device, args.dtype)
         model, ckpt = load_model(args.checkpoint, device)
         trained = ckpt.trainer.get("train_config", {})
         seq_len = args.seq_len or trained.get("seq_len", 256)
@@ -187,7 +194,7 @@ def run_eval(args: argparse.Namespace) -> int:
             seqs = PackedSequences(corpus.train, seq_len, tok.pad_id, (tok.bos_id, tok.eos_id, tok.pad_id),
                                    pad_last=True)
             batches = eval_batches(seqs, args.batch_size, args.max_sequences)
-        result = evaluate(model, batches, device)
+        result = evaluate(model, batches, device, args.dtype)
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as e:
         return _fail(str(e))
     print(json.dumps({"bits_per_byte": result["bits_per_byte"], "loss": result["loss"],

@@ -21,7 +21,8 @@ class TrainConfig:
     min(steps // 10, 1000)), then cosine decay to lr * min_lr_ratio at the last step.
     eval_every / save_every: in optimizer steps; 0 picks about 10 evaluations per run, and saving at
     every evaluation. eval_sequences: held-out sequences for periodic evaluations (the final one
-    uses the whole held-out split).
+    uses the whole held-out split). dtype: GEMM precision, "auto" (bf16 autocast on CUDA, fp32 on
+    CPU), "fp32" or "bf16" (see `griffinlm.precision`).
     """
 
     data: str = "stdlib"
@@ -45,6 +46,7 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 3
     device: str = "auto"
+    dtype: str = "auto"
     grad_checkpointing: bool = False
     progress: bool = True
     tensorboard: bool = True
@@ -69,6 +71,8 @@ class TrainConfig:
             raise ValueError("warmup_steps, eval_every, save_every and sample_tokens must be >= 0")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 
     @property
     def resolved_eval_every(self) -> int:

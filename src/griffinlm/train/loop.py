@@ -1,7 +1,6 @@
 """The training loop: AdamW, warmup + cosine, clipping, accumulation, evaluation, checkpoints."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from ..checkpoint import (CheckpointError, check_config, list_checkpoints, load_
 from ..config import ModelConfig
 from ..data import Batch
 from ..model import LanguageModel
+from ..precision import autocast, compute_dtype
 from .config import TrainConfig
 from .data import open_run_data
 from .optim import lr_at, make_optimizer
@@ -36,13 +36,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; plain fp32 on CPU (CPU bf16 matmuls are not faster on most CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def masked_nats(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Sum over counted targets of -log p(target) in nats (fp32 scalar). logits: (B, T, V)."""
     targets = batch.targets.masked_fill(~batch.loss_mask, -100)
@@ -50,15 +43,16 @@ def masked_nats(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: LanguageModel, batches: Iterable[Batch], device: torch.device) -> dict:
+def evaluate(model: LanguageModel, batches: Iterable[Batch], device: torch.device, dtype: str = "auto") -> dict:
     """Held-out loss (nats per counted target token) and bits per byte
-    (total nats / ln 2 / UTF-8 bytes the counted text targets stand for)."""
+    (total nats / ln 2 / UTF-8 bytes the counted text targets stand for), computed in `dtype`
+    (see `griffinlm.precision`)."""
     was_training = model.training
     model.eval()
     nats, targets, nbytes = 0.0, 0, 0.0
     for b in batches:
         b = b.to(device)
-        with autocast(device):
+        with autocast(device, dtype):
             logits = model(b.tokens, segment_pos=b.segment_pos)
         nats += float(masked_nats(logits, b))
         targets += b.num_targets
@@ -104,6 +98,7 @@ class Trainer:
             raise ValueError("no model given and nothing to resume: pass --model PRESET")
 
         self.device = resolve_device(config.device) if self.par is None else self.par.device
+        compute_dtype(self.device, config.dtype)  # bf16 on a CPU without it: refused before any work
         micro = config.batch_size // config.grad_accum
         self.data = open_run_data(config.data, config.tokenizer, config.text_field, config.seq_len, micro,
                                   config.seed, verbose=config.progress and self.is_main)
@@ -173,7 +168,7 @@ class Trainer:
         nats = torch.zeros((), device=self.device)
         for b in micro:
             b = b.to(self.device)
-            with autocast(self.device):
+            with autocast(self.device, cfg.dtype):
                 logits = model(b.tokens, segment_pos=b.segment_pos)
             loss_sum = masked_nats(logits, b)
             (loss_sum / max(n_targets, 1)).backward()  # the mean over the whole step's targets
@@ -232,7 +227,7 @@ class Trainer:
                 bar.set_postfix(post, refresh=False)
                 final = self.step == cfg.steps
                 if self.step % cfg.resolved_eval_every == 0 and not final:
-                    last_eval = evaluate(model, self.data.held_out(cfg.eval_sequences), self.device)
+                    last_eval = evaluate(model, self.data.held_out(cfg.eval_sequences), self.device, cfg.dtype)
                     self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen,
                                         "split": "held_out_subset", **last_eval})
                 if self.step % cfg.resolved_save_every == 0 or final:
@@ -246,7 +241,7 @@ class Trainer:
         if until is not None and self.step < cfg.steps:
             self.metrics.close()
             return None
-        result = evaluate(model, self.data.held_out(None), self.device)
+        result = evaluate(model, self.data.held_out(None), self.device, self.cfg.dtype)
         self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen, "split": "held_out",
                             **result})
         self.metrics.close()
@@ -279,7 +274,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         try:
-            with autocast(next(model.parameters()).device):
+            with autocast(next(model.parameters()).device, cfg.dtype):
                 text = generate_text(model, self.data.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                                      temperature=cfg.sample_temperature, seed=cfg.seed)
         finally:

@@ -1,0 +1,266 @@
+"""Which kernel computes each matrix product of `ops.linear`, chosen by timing it on this machine.
+
+PyTorch's default CPU GEMM (MKL on x86 builds) runs below the peak of some CPUs, AMD's AVX-512
+parts in particular, where oneDNN (also inside PyTorch) reaches it; on others MKL is the faster.
+So nothing is assumed: the products of a linear layer are
+
+    "forward"       y  = x W^T (+ b)     x (M, K), W (N, K)
+    "grad_input"    dx = g W             g (M, N)
+    "grad_weight"   dW = g^T x
+
+and for each product and class of shapes (M rounded up to a power of two, N, K) the candidate
+backends run on the real operands at the first product of that class, interleaved, best of three:
+
+    "mkl"            torch's default: F.linear / torch.mm
+    "onednn"         oneDNN's linear, torch.ops.mkldnn._linear_pointwise, on the operands as they are
+    "onednn_packed"  the same with the weight reordered once into oneDNN's blocked layout (forward
+                     only; one copy per weight, re-made when the weight changes, within a budget)
+
+A backend other than "mkl" is kept only if it is at least `MARGIN` faster, so no machine runs
+slower than with F.linear. Choices are kept for the process and in a JSON file per machine and
+thread count under `user_cache.cache_dir()`, so that all runs on one machine (a run and its
+resume included) use the same kernels; delete the file to measure again.
+`GRIFFINLM_GEMM=mkl|onednn|onednn_packed` (or `force(...)`) overrides the choice, "auto" is
+the default.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+import weakref
+from typing import Callable, Iterator
+
+import torch
+
+from ..user_cache import cache_dir
+
+PRODUCTS = ("forward", "grad_input", "grad_weight")
+BACKENDS = ("mkl", "onednn", "onednn_packed")
+MARGIN = 0.95  # a backend replaces "mkl" only at <= 95% of its time
+MIN_MNK = 2 ** 19  # smaller products run F.linear unmeasured: the call overhead dominates them
+MAX_ROW_CLASS = 4096  # every M >= 4096 is one class (rates are flat well before)
+
+# Products run by backend, "product:backend" -> count, so a test can assert which kernel ran.
+GEMM_CALLS: collections.Counter[str] = collections.Counter()
+
+_forced: list[str] = []
+_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """True when this torch build has oneDNN's linear op on CPU."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def native_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    return onednn_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@contextlib.contextmanager
+def force(backend: str) -> Iterator[None]:
+    """Within the block, every product uses `backend` ("auto" restores measuring; a backend
+    that does not apply to a product, such as "onednn_packed" for a gradient, means "onednn")."""
+    _check_name(backend)
+    _forced.append(backend)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _check_name(backend: str) -> None:
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown GEMM backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+
+
+def _override() -> str:
+    backend = _forced[-1] if _forced else os.environ.get("GRIFFINLM_GEMM", "auto")
+    _check_name(backend)
+    return backend
+
+
+def row_class(m: int) -> int:
+    """M rounded up to a power of two, at most MAX_ROW_CLASS."""
+    return min(1 << max(0, m - 1).bit_length(), MAX_ROW_CLASS)
+
+
+# --- choices --------------------------------------------------------------------------------
+def machine_key() -> str:
+    """The CPU, its torch capability, the thread count and the torch version: what the
+    measured choices depend on."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        model = f"{info.get('model name', model)} (family {info.get('cpu family')}, model {info.get('model')})"
+    except (OSError, ValueError):
+        pass
+    return (f"{model} | {torch.backends.cpu.get_cpu_capability()} | threads {torch.get_num_threads()} "
+            f"| torch {torch.__version__}")
+
+
+def choices_path() -> str:
+    return os.path.join(cache_dir(), "gemm_backends.json")
+
+
+class Choices:
+    """Measured backend per (product, dtype, row class, N, K), for this process and on disk."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, dict[str, str]] = {}  # machine key -> {shape key -> backend}
+        self.loaded = False
+
+    def _load(self) -> None:
+        self.loaded = True
+        try:
+            with open(choices_path()) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return
+        if isinstance(data, dict):
+            self.table = {k: v for k, v in data.items() if isinstance(v, dict)}
+
+    def get(self, key: str) -> str | None:
+        if not self.loaded:
+            self._load()
+        got = self.table.get(machine_key(), {}).get(key)
+        return got if got in BACKENDS else None
+
+    def put(self, key: str, backend: str) -> None:
+        self.table.setdefault(machine_key(), {})[key] = backend
+        path = choices_path()
+        try:  # atomic: a reader never sees half a file; a failed write loses only the cache
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".gemm_backends.")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.table, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+    def current(self) -> dict[str, str]:
+        """This machine's choices so far ({"forward float32 M16 N1536 K512": "onednn_packed", ...})."""
+        if not self.loaded:
+            self._load()
+        return dict(self.table.get(machine_key(), {}))
+
+
+CHOICES = Choices()
+
+
+def fastest(times: dict[str, float]) -> str:
+    """The backend to keep from best-of-rounds seconds per backend ("mkl" among them): the
+    fastest, unless it does not beat "mkl" by the margin."""
+    best = min(times, key=times.get)
+    if best != "mkl" and "mkl" in times and times[best] > MARGIN * times["mkl"]:
+        return "mkl"
+    return best
+
+
+def _time(fn: Callable[[], object], reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def measure(candidates: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
+    """Best-of-rounds seconds per call of each candidate, interleaved (each round in the
+    opposite order of the previous one), every timing at least ~0.2 ms of repeats."""
+    reps = {}
+    for name, fn in candidates.items():
+        reps[name] = max(1, min(50, int(2e-4 / max(_time(fn, 1), 1e-7))))  # the first call warms up
+    best = {name: float("inf") for name in candidates}
+    names = list(candidates)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            best[name] = min(best[name], _time(candidates[name], reps[name]))
+    return best
+
+
+def choose(product: str, dtype: torch.dtype, m: int, n: int, k: int,
+           candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:
+    """The backend for one product: forced, else remembered, else measured now on `candidates()`
+    (name -> zero-argument call computing the product) and remembered."""
+    forced = _override()
+    if forced != "auto":
+        return forced if forced != "onednn_packed" or product == "forward" else "onednn"
+    if m * n * k < MIN_MNK or not onednn_available():
+        return "mkl"
+    key = f"{product} {str(dtype).removeprefix('torch.')} M{row_class(m)} N{n} K{k}"
+    with _lock:
+        got = CHOICES.get(key)
+        if got is None:
+            with torch.no_grad():
+                runnable = {}
+                for name, fn in candidates().items():
+                    try:
+                        fn()
+                        runnable[name] = fn
+                    except RuntimeError:  # a backend this build or layout cannot run
+                        continue
+                got = fastest(measure(runnable))
+            CHOICES.put(key, got)
+    return got
+
+
+# --- per-weight copies ------------------------------------------------------------------------
+class WeightCopies:
+    """Derived copies of weights (oneDNN-packed, bf16), each re-made when its weight changes:
+    in place (an optimizer step bumps the version counter) or by a new storage. The copies of
+    one kind together stay within `budget` bytes; past it `get` returns None."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.entries: dict[tuple[str, int], tuple[weakref.ref, int, int, torch.Tensor, int]] = {}
+        self.used: collections.Counter[str] = collections.Counter()
+
+    def get(self, kind: str, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+        key = (kind, id(weight))
+        entry = self.entries.get(key)
+        if entry is not None and entry[0]() is weight:
+            if entry[1] == weight._version and entry[2] == weight.data_ptr():
+                return entry[3]
+            self._drop(key)
+        nbytes = weight.numel() * weight.element_size()  # the copy's size, near enough
+        if self.used[kind] + nbytes > self.budget:
+            return None
+        with torch.no_grad(), torch.inference_mode(False):
+            copy = make(weight.detach())
+        self.entries[key] = (weakref.ref(weight, lambda _, key=key: self._drop(key)), weight._version,
+                             weight.data_ptr(), copy, nbytes)
+        self.used[kind] += nbytes
+        return copy
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.used[key[0]] -= entry[4]
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.used.clear()
+
+
+COPIES = WeightCopies(int(float(os.environ.get("GRIFFINLM_GEMM_COPIES_MB", "4096")) * 2**20))
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` (N, K) fp32 in oneDNN's blocked layout (cached), or None past the budget."""
+    return COPIES.get("packed", weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, MAX_ROW_CLASS))
+
+
+def bf16_copy(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in bf16 (cached per version; made afresh, uncached, past the budget)."""
+    got = COPIES.get("bf16", weight, lambda w: w.to(torch.bfloat16))
+    return weight.detach().to(torch.bfloat16) if got is None else got

@@ -1,0 +1,160 @@
+"""`linear`: y = x W^T + b on the fastest GEMM this machine has, and bf16 GEMMs under CPU autocast.
+
+fp32: each of the three products (forward, grad input, grad weight) runs on the backend that
+`gemm_backend` measured fastest for its shape class: PyTorch's default (MKL), oneDNN, or oneDNN
+with a prepacked weight. Results equal `linear_reference` (= F.linear) up to summation order
+(about 1e-6 relative); gradients are exact products too, nothing is approximated.
+
+bf16 (inside `torch.autocast("cpu", dtype=torch.bfloat16)`): the products take bf16 operands
+(x and g rounded to bf16, the weight through a bf16 copy kept per weight version) and fp32 out,
+so that everything around the GEMMs (norms, the RG-LRU, the loss) stays fp32 and the fused CPU
+kernels still apply; weights, their gradients and the bias add are fp32.
+
+Anything else (CUDA, other dtypes, tensor subclasses such as DTensor, torch.compile tracing)
+is F.linear itself.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import gemm_backend as gb
+from .gemm_backend import GEMM_CALLS
+
+linear_reference = F.linear
+
+
+def _plain(t: torch.Tensor | None) -> bool:
+    return t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _mode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """"fp32", "bf16" or None (F.linear) for these operands."""
+    if (x.device.type != "cpu" or weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]
+            or x.numel() == 0 or not (_plain(x) and _plain(weight) and _plain(bias))
+            or torch.compiler.is_compiling()):
+        return None
+    if (weight.dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16)
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return "bf16"
+    if x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+        return "fp32"
+    return None
+
+
+def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ w (N, K)^T (+ bias) with oneDNN; w plain or prepacked."""
+    return torch.ops.mkldnn._linear_pointwise(a.contiguous(), w, bias, "none", [], "")
+
+
+def _forward_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) -> (M, N) on the chosen backend."""
+    M, K = x.shape
+    N = weight.shape[0]
+
+    def candidates():
+        out = {"mkl": lambda: F.linear(x, weight, bias), "onednn": lambda: _onednn(x, weight, bias)}
+        if (p := gb.packed(weight)) is not None:
+            out["onednn_packed"] = lambda: _onednn(x, p, bias)
+        return out
+
+    backend = gb.choose("forward", x.dtype, M, N, K, candidates)
+    if backend == "onednn_packed" and (p := gb.packed(weight)) is None:
+        backend = "onednn"  # over the copies' budget
+    GEMM_CALLS[f"forward:{backend}"] += 1
+    if backend == "mkl":
+        return F.linear(x, weight, bias)
+    return _onednn(x, p if backend == "onednn_packed" else weight, bias)
+
+
+def _grad_input_fp32(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """g (M, N) @ W (N, K) -> (M, K)."""
+    M, N = g.shape
+
+    def candidates():
+        return {"mkl": lambda: g.mm(weight), "onednn": lambda: _onednn(g, weight.t().contiguous())}
+
+    backend = gb.choose("grad_input", g.dtype, M, N, weight.shape[1], candidates)
+    GEMM_CALLS[f"grad_input:{backend}"] += 1
+    return g.mm(weight) if backend == "mkl" else _onednn(g, weight.t().contiguous())
+
+
+def _grad_weight_fp32(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g (M, N)^T @ x (M, K) -> (N, K)."""
+    M, N = g.shape
+
+    def candidates():
+        return {"mkl": lambda: g.t().mm(x), "onednn": lambda: _onednn(g.t(), x.t().contiguous())}
+
+    backend = gb.choose("grad_weight", g.dtype, M, N, x.shape[1], candidates)
+    GEMM_CALLS[f"grad_weight:{backend}"] += 1
+    return g.t().mm(x) if backend == "mkl" else _onednn(g.t(), x.t().contiguous())
+
+
+def _forward_bf16(xb: torch.Tensor, wb: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """bf16 x (M, K), bf16 W (N, K) -> fp32 (M, N), bias added in fp32."""
+    GEMM_CALLS["forward:bf16"] += 1
+    y = F.linear(xb, wb).float()
+    return y if bias is None else y.add_(bias)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mode):
+        if mode == "bf16":
+            xb, wb = x.to(torch.bfloat16), gb.bf16_copy(weight)
+            ctx.save_for_backward(xb, weight, wb)
+            ctx.x_dtype = x.dtype
+            y = _forward_bf16(xb, wb, bias)
+        else:
+            ctx.save_for_backward(x, weight)
+            y = _forward_fp32(x, weight, bias)
+        ctx.mode, ctx.has_bias = mode, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if ctx.mode == "bf16":
+            xb, _, wb = ctx.saved_tensors
+            gbf = g.to(torch.bfloat16)
+            if need_x:
+                GEMM_CALLS["grad_input:bf16"] += 1
+                dx = gbf.mm(wb).to(ctx.x_dtype)
+            if need_w:
+                GEMM_CALLS["grad_weight:bf16"] += 1
+                dw = gbf.t().mm(xb).float()
+        else:
+            x, weight = ctx.saved_tensors
+            g = g.contiguous()
+            dx = _grad_input_fp32(g, weight) if need_x else None
+            dw = _grad_weight_fp32(g, x) if need_w else None
+        if need_b and ctx.has_bias:
+            db = g.sum(0, dtype=torch.float32)
+        return dx, dw, db, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b, as F.linear.
+
+    Args:
+        x: (..., K) input.
+        weight: (N, K).
+        bias: (N,) or None.
+
+    Returns:
+        (..., N): in x's dtype, or fp32 for an fp32 weight under CPU bf16 autocast.
+    """
+    mode = _mode(x, weight, bias)
+    if mode is None:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = _Linear.apply(x2, weight, bias, mode)
+    elif mode == "bf16":
+        y = _forward_bf16(x2.to(torch.bfloat16), gb.bf16_copy(weight), bias)
+    else:
+        y = _forward_fp32(x2, weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
