@@ -3,9 +3,11 @@
 How close the Griffin decode step (width --width, depth --depth: 512 and
 6 by default) comes to this machine's limits. For each batch B of --batches (1 4 16 64 128),
 from a pool of B slots filled to --length (256) tokens, it times `model.step` (the default
-step: fused numba kernels at B <= ops.decode_step.MAX_BATCH; and the torch-ops step, MAX_BATCH
-patched to 0) and, in the same interleaved repeats (--repeats of them, median of each), two probes:
-  - GEMM: `F.linear` at M = B rows on every distinct (out, in) weight shape of the model (the
+step: fused numba kernels at B <= ops.decode_step.MAX_BATCH, GEMMs on `ops.linear`'s measured
+backend; the same with every GEMM forced to F.linear, GRIFFINLM_GEMM=mkl; and the torch-ops step,
+MAX_BATCH patched to 0) and, in the same interleaved repeats (--repeats of them, median of each), two probes:
+  - GEMM: the fastest fp32 backend (F.linear, oneDNN, oneDNN prepacked: `gemm.backends`) at
+    M = B rows on every distinct (out, in) weight shape of the model (the
     blocks' nn.Linear weights, the RG-LRU's block-diagonal gates as their (bw, bw) blocks and the
     tied V x D output layer), summed with each shape's multiplicity = FLOPs / GEMM rate, where
     FLOPs = 2 * B * (those weights' parameters);
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +34,7 @@ import statistics
 import sys
 import time
 
+from gemm import backends as gemm_backends  # this folder is on sys.path
 from inference import BOUND_PATH, ROOT, fill_cache, model_config, torch_ops_only  # this folder is on sys.path
 
 
@@ -71,10 +75,10 @@ def bench_bound(args) -> dict:
     """Griffin's `model.step` at each batch against max(FLOPs / GEMM rate, weight bytes / copy
     bandwidth), every quantity measured in the same interleaved repeats (median of each)."""
     import torch
-    import torch.nn.functional as F
 
     from griffinlm import LanguageModel
     from griffinlm.ops import decode_step as ops_step
+    from griffinlm.ops.gemm_backend import force as force_gemm
 
     now = time.perf_counter  # wall clock: the bound is a rate of the whole machine (all threads)
     torch.manual_seed(0)
@@ -83,7 +87,17 @@ def bench_bound(args) -> dict:
     weight_bytes = w["total"] * w["element_size"]
     flops_per_token = 2 * w["total"]
     gen = torch.Generator().manual_seed(0)
-    L, batches, paths = args.length, args.batches, ("default", "torch_ops")
+    L, batches, paths = args.length, args.batches, ("default", "default_mkl", "torch_ops")
+
+    def path_context(path: str):
+        """The step of `path`: as is; with every GEMM on F.linear (no oneDNN, no prepacking); or
+        as torch ops only (no fused numba kernels)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch_ops_only(path == "torch_ops"))
+        if path == "default_mkl":
+            stack.enter_context(force_gemm("mkl"))
+        return stack
+
     # copy buffer: float32, 4x the weights' bytes, so that no cache level holds it
     numel = 4 * weight_bytes // 4
     src, dst = torch.ones(numel), torch.zeros(numel)
@@ -99,30 +113,36 @@ def bench_bound(args) -> dict:
             slots[B] = torch.arange(B)
             # warm-up: numba JIT, allocator, oneDNN primitives for these shapes
             for path in paths:
-                with torch_ops_only(path == "torch_ops"):
+                with path_context(path):
                     for _ in range(2):
                         caches[B].positions.fill_(L)
                         model.step(toks[B], caches[B], slots[B])
             row = []
             for (out_f, in_f), count in sorted(w["shapes"].items()):
                 x, wt = torch.randn(B, in_f, generator=gen), torch.randn(out_f, in_f, generator=gen)
-                once = float("inf")
-                for _ in range(3):
-                    t0 = now()
-                    F.linear(x, wt)
-                    once = min(once, now() - t0)
+                fastest, once = None, float("inf")  # the fastest fp32 backend for this shape and B
+                for name, fn in gemm_backends(x, wt).items():
+                    if not name.startswith("fp32"):
+                        continue
+                    fn()
+                    for _ in range(3):
+                        t0 = now()
+                        fn()
+                        dt = now() - t0
+                        if dt < once:
+                            fastest, once = (name, fn), dt
                 once = max(once, 1e-7)
-                row.append((x, wt, count, max(1, min(1000, int(1e-3 / once)))))  # >= ~1 ms per sample
+                row.append((fastest, count, max(1, min(1000, int(1e-3 / once)))))  # >= ~1 ms per sample
             probes[B] = row
         dst.copy_(src)
 
         def probe(B: int) -> float:
-            """Seconds of the model's GEMMs at M = B rows, each shape timed alone in F.linear."""
+            """Seconds of the model's GEMMs at M = B rows, each shape timed alone on its fastest backend."""
             total = 0.0
-            for x, wt, count, inner in probes[B]:
+            for (_, fn), count, inner in probes[B]:
                 t0 = now()
                 for _ in range(inner):
-                    F.linear(x, wt)
+                    fn()
                 total += count * (now() - t0) / inner
             return total
 
@@ -133,7 +153,7 @@ def bench_bound(args) -> dict:
         for _ in range(args.repeats):  # interleaved: every quantity sees the same machine
             for B in batches:
                 for path in paths:
-                    with torch_ops_only(path == "torch_ops"):
+                    with path_context(path):
                         caches[B].positions.fill_(L)  # every repeat steps from length L
                         calls = sum(ops_step.step_kernel_calls().values())
                         t0 = now()
@@ -159,7 +179,8 @@ def bench_bound(args) -> dict:
                              bound_by="flops" if flops_s >= bytes_s else "bytes",
                              flops_ms=1e3 * flops_s, bytes_ms=1e3 * bytes_s,
                              gemm_gflop_s=flops_per_token * B / flops_s / 1e9,
-                             fused_calls_per_step=fused[B, path] / args.repeats))
+                             fused_calls_per_step=fused[B, path] / args.repeats,
+                             gemm_backends=sorted({name for (name, _), _, _ in probes[B]})))
     try:
         import numba
 
@@ -179,8 +200,9 @@ def bench_bound(args) -> dict:
         conventions=("step: median wall time of one model.step(tokens, cache, slots) over all B slots, the pool at "
                      "`length` tokens. FLOPs = 2 x B x weight parameters (the blocks' nn.Linear weights, the RG-LRU "
                      "block-diagonal gates, the tied V x D output layer); attention over the cache and elementwise "
-                     "work are ignored. flops term = the model's GEMM shapes at M = B rows timed one by one with "
-                     "F.linear, summed with their multiplicities (= FLOPs / GEMM rate). copy bandwidth = 2 x buffer "
+                     "work are ignored. flops term = the model's GEMM shapes at M = B rows timed one by one, each on "
+                     "its fastest fp32 backend (F.linear, oneDNN, oneDNN prepacked: benchmarks/gemm.py), summed "
+                     "with their multiplicities (= FLOPs / GEMM rate). copy bandwidth = 2 x buffer "
                      "bytes (read + write) / time of dst.copy_(src), buffer 4x the weights; bytes term = weight "
                      "bytes / copy bandwidth. bound = max of the two; % of bound = bound / step."),
         rows=rows)
@@ -196,21 +218,25 @@ def bound_markdown(res: dict) -> list[str]:
              f"parameters = {w['bytes'] / 1e6:.1f} MB (nn.Linear {w['params']['linear']:,}, RG-LRU block-diagonal "
              f"gates {w['params']['block_diagonal']:,}, tied output layer {w['params']['output_layer']:,}); FLOPs per "
              f"token {res['flops_per_token'] / 1e6:.1f} M. Bound = max(flops term, bytes term): the flops term times "
-             "the model's GEMM shapes at M = batch rows, each alone with F.linear, in the same run (attention over "
-             "the cache and elementwise work ignored); the bytes term is weight bytes / copy bandwidth "
+             "the model's GEMM shapes at M = batch rows, each alone on its fastest fp32 backend (last column), in "
+             "the same run (attention over the cache and elementwise work ignored); the bytes term is weight bytes / copy bandwidth "
              f"({res['copy_bandwidth_gb_s']:.1f} GB/s, counting read + write of a "
              f"{res['copy_buffer_bytes'] / 1e6:.0f} MB buffer)."]
-    titles = {"default": f"Default step (fused numba kernels at batch <= {res['max_batch_fused']}, torch ops above):",
+    titles = {"default": f"Default step (fused numba kernels at batch <= {res['max_batch_fused']}, torch ops above, "
+                         "GEMMs on `ops.linear`'s measured backend):",
+              "default_mkl": "The same with every GEMM on F.linear (`GRIFFINLM_GEMM=mkl`: no oneDNN, no prepacked "
+                             "weights), in the same run:",
               "torch_ops": "Torch-ops step (`ops.decode_step.MAX_BATCH = 0`):"}
     for path, title in titles.items():
         lines += ["", title, "",
                   "| batch | step ms | bound ms | % of bound | tokens/s | bound by | flops ms | bytes ms | GEMM GFLOP/s "
-                  "| fused calls/step |", "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+                  "| fused calls/step | GEMM backends of the bound |", "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
         for r in res["rows"]:
-            if r["path"] == path:
+            if r["path"] == path and path in titles:
                 lines.append(f"| {r['batch']} | {r['step_ms']:.3f} | {r['bound_ms']:.3f} | {r['pct_of_bound']:.0f}% | "
                              f"{r['tok_s']:,.0f} | {r['bound_by']} | {r['flops_ms']:.3f} | {r['bytes_ms']:.3f} | "
-                             f"{r['gemm_gflop_s']:.1f} | {r['fused_calls_per_step']:.0f} |")
+                             f"{r['gemm_gflop_s']:.1f} | {r['fused_calls_per_step']:.0f} | "
+                             f"{', '.join(r.get('gemm_backends', ['fp32 F.linear']))} |")
     return lines
 
 

@@ -80,6 +80,37 @@ def peak_rates(rows: int = 4096, shapes=SHAPES, clock=time.perf_counter, repeats
     return best
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
+
+
+def gemm_flops(name: str, shapes: list) -> float:
+    """FLOPs of one profiled matrix-product op from its recorded input shapes."""
+    if name == "mkldnn::_linear_pointwise":  # x (..., K), weight (N, K)
+        x, w = shapes[0], shapes[1]
+        rows = 1
+        for d in x[:-1]:
+            rows *= d
+        return 2.0 * rows * w[0] * x[-1]
+    a, b = (shapes[1], shapes[2]) if name in ("aten::addmm", "aten::baddbmm") else (shapes[0], shapes[1])
+    batch = a[0] if len(a) == 3 else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def profile_gemms(fn) -> tuple[float, float]:
+    """(seconds, FLOPs) of the matrix products that one call of fn() runs: the profiler's self
+    CPU time of every GEMM op, and their FLOPs from the recorded shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    seconds = flops = 0.0
+    for e in prof.events():
+        if e.name in GEMM_OPS and e.input_shapes:
+            seconds += e.self_cpu_time_total / 1e6
+            flops += gemm_flops(e.name, e.input_shapes)
+    return seconds, flops
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 4096])

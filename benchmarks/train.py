@@ -1,4 +1,4 @@
-"""Training throughput and MFU on this machine (CPU, fp32), with the real training step.
+"""Training throughput and MFU on this machine (CPU, fp32 and bf16), with the real training step.
 
 1. griffin-tiny vs transformer-tiny (parameter counts within 5%) at T = 2048: tokens/s of a full
    optimizer step (forward, backward, clipping, AdamW) on the built-in corpus with document
@@ -9,7 +9,11 @@
        MFU = (6 * non-embedding params * tokens/s + attention FLOP/s) / fp32 matmul FLOP/s,
    attention FLOPs = 3 (fwd + bwd) * 4 * width * (mean keys attended per query) per attention layer
    per token (QK^T and AV, 2 FLOPs per multiply-add, causal: only the keys actually attended), and
-   the matmul rate the best of large fp32 GEMMs measured in the same run, interleaved with the steps.
+   the matmul rate the best fp32 GEMM rate over the model's shapes and every fp32 backend (F.linear,
+   oneDNN, oneDNN prepacked: `gemm.peak_rates`) measured in the same run, interleaved with the steps
+   (F.linear's own rate is reported beside it). Where the CPU has native bf16, the same model also
+   trains with `dtype="bf16"` (CPU autocast: bf16 GEMMs, fp32 weights, norms, RG-LRU and loss), its
+   MFU taken against the bf16 GEMM rate of the same run (and against the best fp32 rate).
 
 Usage: python benchmarks/train.py [--rounds 5] [--batch-size 2] [--seq-len 2048] [--threads N]
                                  [--clock wall|cpu] [--json out.json]
@@ -24,6 +28,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gemm import peak_rates  # noqa: E402
+
 MFU_CONFIG = dict(vocab_size=259, width=512, depth=6, num_heads=4, lru_width=512, local_window=512,
                   block_pattern=("recurrent", "recurrent", "attention"))
 
@@ -34,21 +41,6 @@ def clock_fn(kind: str, threads: int):
     if kind == "wall":
         return time.perf_counter
     return lambda: time.process_time() / threads
-
-
-def matmul_rate(clock, shapes=((4096, 1024, 1024), (4096, 512, 1536), (4096, 1536, 512)), repeats: int = 5) -> float:
-    """Best fp32 GEMM rate over a few shapes like the model's, in FLOP/s."""
-    import torch
-
-    best = 0.0
-    for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b
-        for _ in range(repeats):
-            t = clock()
-            a @ b
-            best = max(best, 2 * m * k * n / max(clock() - t, 1e-9))
-    return best
 
 
 def attention_flops_per_token(cfg, T: int) -> float:
@@ -65,11 +57,11 @@ def attention_flops_per_token(cfg, T: int) -> float:
     return total
 
 
-def make_trainer(cfg, T: int, B: int, out: str):
+def make_trainer(cfg, T: int, B: int, out: str, dtype: str = "fp32"):
     from griffinlm.train import TrainConfig, Trainer
 
     tc = TrainConfig(data="stdlib", steps=10_000, batch_size=B, seq_len=T, progress=False, tensorboard=False,
-                     sample_tokens=0, eval_every=10_000, plot=False)
+                     sample_tokens=0, eval_every=10_000, plot=False, dtype=dtype)
     return Trainer(cfg, tc, out)
 
 
@@ -105,16 +97,22 @@ def main(argv=None) -> int:
             "transformer-tiny": ModelConfig.preset("transformer-tiny"),
             "griffin-512x6": ModelConfig(**MFU_CONFIG)}
     trainers = {name: make_trainer(c, T, B, os.path.join(tmp, name)) for name, c in cfgs.items()}
+    from griffinlm.ops.gemm_backend import native_bf16
+
+    if native_bf16():
+        trainers["griffin-512x6 bf16"] = make_trainer(cfgs["griffin-512x6"], T, B, os.path.join(tmp, "bf16"), "bf16")
     for tr in trainers.values():  # warm-up: JIT compiles, allocator, caches
         tr.train_step()
     rates: dict[str, list[float]] = {name: [] for name in trainers}
-    gemm: list[float] = []
+    peaks: list[dict[str, float]] = []
     for r in range(args.rounds):
         for name, tr in trainers.items():
             rates[name].append(timed_step(tr, tokens, clock))
-        gemm.append(matmul_rate(clock))
+        peaks.append(peak_rates(clock=clock))
         print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f} tok/s" for n, v in rates.items())
-              + f", GEMM {gemm[-1] / 1e9:.0f} GFLOP/s", file=sys.stderr)
+              + ", GEMM " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks[-1].items()) + " GFLOP/s",
+              file=sys.stderr)
+    gemm = [p["fp32"] for p in peaks]
     ratios = [g / t for g, t in zip(rates["griffin-tiny"], rates["transformer-tiny"])]
     mfu_model = trainers["griffin-512x6"].model
     n_params = mfu_model.param_count()
@@ -133,16 +131,33 @@ def main(argv=None) -> int:
         "mfu_flops_per_token": flops_per_token,
         "mfu_best": flops_per_token * max(rates["griffin-512x6"]) / peak,
         "mfu_median_same_round": statistics.median(mfu_rounds),
+        "matmul_gflops_best_by_backend": {k: max(p[k] for p in peaks) / 1e9 for k in peaks[0]},
+        "mfu_best_vs_f_linear_rate": flops_per_token * max(rates["griffin-512x6"])
+        / max(p["fp32 F.linear"] for p in peaks),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+    if "griffin-512x6 bf16" in rates:
+        bf16_peak = max(p["bf16"] for p in peaks)
+        res["mfu_bf16_best_vs_bf16_rate"] = flops_per_token * max(rates["griffin-512x6 bf16"]) / bf16_peak
+        res["mfu_bf16_best_vs_fp32_rate"] = flops_per_token * max(rates["griffin-512x6 bf16"]) / peak
+        res["bf16_over_fp32_median"] = statistics.median(
+            [a / b for a, b in zip(rates["griffin-512x6 bf16"], rates["griffin-512x6"])])
     print(f"\n| model | non-embedding params | tokens/s (median) | tokens/s (best) |\n|---|---|---|---|")
     for n in trainers:
         print(f"| {n} | {res['params'][n]:,} | {res['tokens_per_s_median'][n]:.0f} | {res['tokens_per_s_best'][n]:.0f} |")
     print(f"\ngriffin-tiny / transformer-tiny at T={T}: {res['griffin_over_transformer_median']:.2f}x (median of "
           f"per-round ratios), {res['griffin_over_transformer_best']:.2f}x (best vs best)")
-    print(f"fp32 GEMM: best {res['matmul_gflops_best']:.0f} GFLOP/s, median {res['matmul_gflops_median']:.0f}")
-    print(f"MFU griffin-512x6 at T={T}: {res['mfu_best']:.1%} (best step / best GEMM), "
-          f"{res['mfu_median_same_round']:.1%} (median of same-round ratios); "
+    print(f"GEMM best GFLOP/s (CPU capability {res['cpu_capability']}): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in res["matmul_gflops_best_by_backend"].items())
+        + f"; best fp32 median over rounds {res['matmul_gflops_median']:.0f}")
+    print(f"MFU griffin-512x6 at T={T}: {res['mfu_best']:.1%} (best step / best fp32 GEMM), "
+          f"{res['mfu_median_same_round']:.1%} (median of same-round ratios), "
+          f"{res['mfu_best_vs_f_linear_rate']:.1%} against F.linear's rate alone; "
           f"{flops_per_token / 1e6:.1f} MFLOP/token")
+    if "mfu_bf16_best_vs_bf16_rate" in res:
+        print(f"bf16 griffin-512x6: {res['bf16_over_fp32_median']:.2f}x the fp32 tokens/s (median of same-round "
+              f"ratios); MFU {res['mfu_bf16_best_vs_bf16_rate']:.1%} of the bf16 GEMM rate, "
+              f"{res['mfu_bf16_best_vs_fp32_rate']:.1%} of the best fp32 rate")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -102,8 +102,13 @@ def test_unknown_backend_names_are_refused(monkeypatch):
         with force("cublas"):
             pass
     monkeypatch.setenv("GRIFFINLM_GEMM", "fast")
-    with pytest.raises(ValueError, match="unknown GEMM backend 'fast'"):
-        linear(torch.randn(4, 8), torch.randn(3, 8))
+    gb._env_backend.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="unknown GEMM backend 'fast'"):
+            linear(torch.randn(4, 8), torch.randn(3, 8))
+    finally:
+        monkeypatch.delenv("GRIFFINLM_GEMM")
+        gb._env_backend.cache_clear()
 
 
 def test_other_dtypes_and_subclasses_take_f_linear():

@@ -2,6 +2,7 @@
 from .activations import MLP, GatedMLP, GeLU, Swish, make_activation, swish
 from .attention import AttentionCache, MultiQueryAttention
 from .conv import Conv1D
+from .linear import Linear
 from .norm import RMSNorm
 from .positions import Positions
 from .recurrent import RecurrentBlock, RecurrentCache
@@ -12,5 +13,5 @@ from .rotary import RotaryEmbedding
 __all__ = [
     "swish", "Swish", "GeLU", "GatedMLP", "MLP", "make_activation", "RMSNorm", "RotaryEmbedding",
     "MultiQueryAttention", "AttentionCache", "Conv1D", "RGLRU", "lambda_init", "RecurrentBlock",
-    "RecurrentCache", "ResidualBlock", "Positions",
+    "RecurrentCache", "ResidualBlock", "Positions", "Linear",
 ]

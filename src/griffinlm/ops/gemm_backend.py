@@ -20,8 +20,8 @@ A backend other than "mkl" is kept only if it is at least `MARGIN` faster, so no
 slower than with F.linear. Choices are kept for the process and in a JSON file per machine and
 thread count under `user_cache.cache_dir()`, so that all runs on one machine (a run and its
 resume included) use the same kernels; delete the file to measure again.
-`GRIFFINLM_GEMM=mkl|onednn|onednn_packed` (or `force(...)`) overrides the choice, "auto" is
-the default.
+`GRIFFINLM_GEMM=mkl|onednn|onednn_packed` (read once per process) or `force(...)` overrides
+the choice; "auto" is the default.
 """
 from __future__ import annotations
 
@@ -83,9 +83,15 @@ def _check_name(backend: str) -> None:
 
 
 def _override() -> str:
-    backend = _forced[-1] if _forced else os.environ.get("GRIFFINLM_GEMM", "auto")
+    backend = _forced[-1] if _forced else _env_backend()
     _check_name(backend)
     return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _env_backend() -> str:
+    """GRIFFINLM_GEMM, read once per process."""
+    return os.environ.get("GRIFFINLM_GEMM", "auto")
 
 
 def row_class(m: int) -> int:
@@ -97,6 +103,11 @@ def row_class(m: int) -> int:
 def machine_key() -> str:
     """The CPU, its torch capability, the thread count and the torch version: what the
     measured choices depend on."""
+    return _machine_key(torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _machine_key(threads: int) -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -105,8 +116,7 @@ def machine_key() -> str:
         model = f"{info.get('model name', model)} (family {info.get('cpu family')}, model {info.get('model')})"
     except (OSError, ValueError):
         pass
-    return (f"{model} | {torch.backends.cpu.get_cpu_capability()} | threads {torch.get_num_threads()} "
-            f"| torch {torch.__version__}")
+    return f"{model} | {torch.backends.cpu.get_cpu_capability()} | threads {threads} | torch {torch.__version__}"
 
 
 def choices_path() -> str:
@@ -119,6 +129,7 @@ class Choices:
     def __init__(self) -> None:
         self.table: dict[str, dict[str, str]] = {}  # machine key -> {shape key -> backend}
         self.loaded = False
+        self.memo: dict[tuple, str] = {}  # (product, dtype, row class, N, K, threads) -> backend
 
     def _load(self) -> None:
         self.loaded = True
@@ -195,7 +206,13 @@ def choose(product: str, dtype: torch.dtype, m: int, n: int, k: int,
     forced = _override()
     if forced != "auto":
         return forced if forced != "onednn_packed" or product == "forward" else "onednn"
-    if m * n * k < MIN_MNK or not onednn_available():
+    if m * n * k < MIN_MNK:
+        return "mkl"
+    memo_key = (product, dtype, row_class(m), n, k, torch.get_num_threads())
+    got = CHOICES.memo.get(memo_key)
+    if got is not None:  # the per-call path: no string keys, no file
+        return got
+    if not onednn_available():
         return "mkl"
     key = f"{product} {str(dtype).removeprefix('torch.')} M{row_class(m)} N{n} K{k}"
     with _lock:
@@ -211,6 +228,7 @@ def choose(product: str, dtype: torch.dtype, m: int, n: int, k: int,
                         continue
                 got = fastest(measure(runnable))
             CHOICES.put(key, got)
+        CHOICES.memo[memo_key] = got
     return got
 
 

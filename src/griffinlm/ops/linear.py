@@ -149,7 +149,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     mode = _mode(x, weight, bias)
     if mode is None:
         return F.linear(x, weight, bias)
-    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (M, K)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         y = _Linear.apply(x2, weight, bias, mode)
@@ -157,4 +157,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = _forward_bf16(x2.to(torch.bfloat16), gb.bf16_copy(weight), bias)
     else:
         y = _forward_fp32(x2, weight, bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
