@@ -3,9 +3,9 @@
 How close the Griffin decode step (width --width, depth --depth: 512 and
 6 by default) comes to this machine's limits. For each batch B of --batches (1 4 16 64 128),
 from a pool of B slots filled to --length (256) tokens, it times `model.step` (the default
-step: fused numba kernels at B <= ops.decode_step.MAX_BATCH, GEMMs on `ops.linear`'s measured
-backend; the same with every GEMM forced to F.linear, GRIFFINLM_GEMM=mkl; and the torch-ops step,
-MAX_BATCH patched to 0) and, in the same interleaved repeats (--repeats of them, median of each), two probes:
+step: streaming numba kernels at B <= ops.decode_step.MAX_BATCH, above it GEMMs on `ops.linear`'s
+measured backend with hybrid kernels between; the same with every GEMM forced to F.linear,
+GRIFFINLM_GEMM=mkl; and the torch-ops step, `decode_step.references_only()`) and, in the same interleaved repeats (--repeats of them, median of each), two probes:
   - GEMM: the fastest fp32 backend (F.linear, oneDNN, oneDNN prepacked: `gemm.backends`) at
     M = B rows on every distinct (out, in) weight shape of the model (the
     blocks' nn.Linear weights, the RG-LRU's block-diagonal gates as their (bw, bw) blocks and the
@@ -222,11 +222,11 @@ def bound_markdown(res: dict) -> list[str]:
              "the same run (attention over the cache and elementwise work ignored); the bytes term is weight bytes / copy bandwidth "
              f"({res['copy_bandwidth_gb_s']:.1f} GB/s, counting read + write of a "
              f"{res['copy_buffer_bytes'] / 1e6:.0f} MB buffer)."]
-    titles = {"default": f"Default step (fused numba kernels at batch <= {res['max_batch_fused']}, torch ops above, "
-                         "GEMMs on `ops.linear`'s measured backend):",
+    titles = {"default": f"Default step (streaming numba kernels at batch <= {res['max_batch_fused']}, above it GEMMs on "
+                         "`ops.linear`'s measured backend with one hybrid kernel per block half between them):",
               "default_mkl": "The same with every GEMM on F.linear (`GRIFFINLM_GEMM=mkl`: no oneDNN, no prepacked "
                              "weights), in the same run:",
-              "torch_ops": "Torch-ops step (`ops.decode_step.MAX_BATCH = 0`):"}
+              "torch_ops": "Torch-ops step (`ops.decode_step.references_only()`):"}
     for path, title in titles.items():
         lines += ["", title, "",
                   "| batch | step ms | bound ms | % of bound | tokens/s | bound by | flops ms | bytes ms | GEMM GFLOP/s "

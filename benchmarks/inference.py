@@ -73,17 +73,12 @@ def fill_cache(cache, length: int, gen) -> None:
 
 @contextlib.contextmanager
 def torch_ops_only(enable: bool = True):
-    """Within: every decode step as torch ops (no fused numba kernels), by setting
-    `griffinlm.ops.decode_step.MAX_BATCH` to 0; restored on exit."""
+    """Within: every decode step as torch ops (no fused numba kernels, `griffinlm.ops.decode_step.
+    references_only()`)."""
     from griffinlm.ops import decode_step as ops_step
 
-    saved = ops_step.MAX_BATCH
-    if enable:
-        ops_step.MAX_BATCH = 0
-    try:
+    with ops_step.references_only() if enable else contextlib.nullcontext():
         yield
-    finally:
-        ops_step.MAX_BATCH = saved
 
 
 def bench_arch(arch: str, args, now) -> list[dict]:
@@ -285,15 +280,17 @@ when they share a position. The step reads positions from tensors, so its shapes
 compiled step all of them, masked. Prompts of different lengths each prefill their own slot: no padding."""
 
 
-HF_NOTE = """The default step (`model.step`) runs, on CPU in float32 at <= 8 rows (`griffinlm.ops.decode_step.MAX_BATCH`),
+HF_NOTE = """The default step (`model.step`) runs, on CPU in float32, at <= 6 rows (`griffinlm.ops.decode_step.MAX_BATCH`)
 the fused numba ops of `griffinlm/ops/decode_step.py` (kernels in `decode_step_numba.py`): one op per block half
 that splits each weight matrix's rows across the cores and does the block's elementwise work in the same pass,
-reading and writing the stepped slots' rows of the pool in place; "torch ops only" is the same model with
-`MAX_BATCH` patched to 0 (every op through its torch reference). At batch 1 a step is bound by reading the model's
-77 MB of fp32 weights once: eager PyTorch's one-row `addmm` uses one core and its ~100 small ops per block cost more
-in dispatch than in arithmetic, which is why eager steps (ours with torch ops only, and `transformers`') run at
-about the same speed. At batch 16 the step is bound by matmul arithmetic: both implementations run PyTorch's GEMMs.
-The batch-1 ratio moves with the shared host's speed from run to run; the history of runs is below the section."""
+reading and writing the stepped slots' rows of the pool in place; above 6 rows the hybrid ops: the projections as
+GEMMs on `ops.linear` (prepacked oneDNN weights where that measured faster) and one numba kernel per block half for
+everything between them. "torch ops only" is the same model under `decode_step.references_only()` (every op through
+its torch reference). At batch 1 a step is bound by reading the model's 77 MB of fp32 weights once: eager PyTorch's
+one-row `addmm` uses one core and its ~100 small ops per block cost more in dispatch than in arithmetic, which is why
+eager steps (ours with torch ops only, and `transformers`') run at about the same speed. At batch 16 the step is bound
+by matmul arithmetic. The batch-1 ratio moves with the shared host's speed from run to run; the history of runs is
+below the section."""
 
 
 def markdown(results: dict, long: dict | None) -> str:
@@ -301,7 +298,7 @@ def markdown(results: dict, long: dict | None) -> str:
     lines = ["## Inference", "",
              f"`python benchmarks/inference.py` ({results['date']}; {results['machine']}; torch {results['torch']}; "
              f"fp32; {results['threads']} thread(s), {results['clock']} clock; decode step "
-             f"{'compiled' if results['compile'] else '`model.step`, default: fused CPU kernels at batch <= 8, torch ops above'}). "
+             f"{'compiled' if results['compile'] else '`model.step`, default: fused CPU kernels at batch <= 6, GEMMs + hybrid kernels above'}). "
              f"Models: {results['model']}; non-embedding parameters "
              + ", ".join(f"{a} {n / 1e6:.2f}M" for a, n in results["params"].items())
              + f". Decode: {results['steps']} timed one-token steps (after {results['warmup']} warm-up steps) from a "

@@ -44,9 +44,12 @@ def cache_tensors(cache):
     return [cache.positions, cache.doc_start] + [t for c in cache.blocks for t in c.tensors().values()]
 
 
-def kernel_calls_per_step(model) -> Counter:
-    kinds = Counter("recurrent_step" if b.kind == "recurrent" else "attention_step" for b in model.blocks)
-    return kinds + Counter(mlp_step=len(model.blocks), logits_step=1)
+def kernel_calls_per_step(model, rows: int) -> Counter:
+    """The kernel calls of one step: the streaming kernels up to MAX_BATCH rows, the GEMM +
+    `*_mix` kernels above."""
+    kind = "step" if rows <= decode_step.MAX_BATCH else "mix"
+    blocks = Counter(f"recurrent_{kind}" if b.kind == "recurrent" else f"attention_{kind}" for b in model.blocks)
+    return blocks + Counter({f"mlp_{kind}": len(model.blocks), f"logits_{kind}": 1})
 
 
 def run_both(model, prompts, seg, steps, max_length=None, monkeypatch=None):
@@ -65,10 +68,9 @@ def run_both(model, prompts, seg, steps, max_length=None, monkeypatch=None):
             slots = torch.randperm(B, generator=g)
             before = decode_step.step_kernel_calls()
             fused = model.step(nxt[slots], caches[0], slots)
-            assert decode_step.step_kernel_calls() - before == kernel_calls_per_step(model)
+            assert decode_step.step_kernel_calls() - before == kernel_calls_per_step(model, B)
             before = decode_step.step_kernel_calls()
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(decode_step, "MAX_BATCH", 0)  # every op through its torch reference
+            with decode_step.references_only():  # every op through its torch reference
                 ref = model.step(nxt[slots], caches[1], slots)
             assert decode_step.step_kernel_calls() == before
             assert fused.shape == ref.shape == (B, model.config.vocab_size)
@@ -92,6 +94,24 @@ def test_fused_step_equals_eager_step(name):
     worst, (c_fused, c_eager) = run_both(model, prompts, seg, steps=14)  # the ring of 8 wraps
     assert worst < 1e-5, worst
     for a, b in zip(cache_tensors(c_fused), cache_tensors(c_eager)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_numba
+@pytest.mark.parametrize("arch", ["griffin", "hawk", "transformer", "recurrentgemma-like", "mlp-swish"])
+@pytest.mark.parametrize("B", [1, 3, 6, 7, 8, 16, 37, 64])
+def test_every_batch_size_equals_the_references(arch, B):
+    """Streaming kernels up to MAX_BATCH rows, GEMMs + mix kernels above: the same logits and
+    states as the torch references, the local-attention ring wrapping, documents restarting."""
+    cfg = CONFIGS[arch]
+    model = make_model(cfg, seed=B)
+    T = 6
+    prompts = torch.randint(0, cfg.vocab_size, (B, T))
+    seg = torch.arange(T).repeat(B, 1)
+    seg[::2, 3:] = torch.arange(T - 3)  # every other row starts a second document mid-prompt
+    worst, (c_fast, c_ref) = run_both(model, prompts, seg, steps=10)
+    assert worst < 1e-5, worst
+    for a, b in zip(cache_tensors(c_fast), cache_tensors(c_ref)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -128,8 +148,7 @@ def test_slots_at_different_positions_in_one_fused_step():
             slots = torch.tensor([4, 0, 3, 1] if i < 5 else [2, 4, 1, 0, 3])
             toks = torch.randint(0, cfg.vocab_size, (len(slots),), generator=g)
             fused = model.step(toks, caches[0], slots)
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(decode_step, "MAX_BATCH", 0)
+            with decode_step.references_only():
                 ref = model.step(toks, caches[1], slots)
             torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     for a, b in zip(cache_tensors(caches[0]), cache_tensors(caches[1])):
@@ -144,8 +163,8 @@ def test_greedy_generation_identical_to_reference(monkeypatch):
     before = decode_step.FUSED_CALLS["recurrent_step"]
     fused = model.generate(prompts, 24)
     assert decode_step.FUSED_CALLS["recurrent_step"] > before
-    monkeypatch.setattr(decode_step, "MAX_BATCH", 0)
-    reference = model.generate(prompts, 24)
+    with decode_step.references_only():
+        reference = model.generate(prompts, 24)
     for a, b in zip(fused, reference):
         assert torch.equal(a, b)
 
@@ -180,9 +199,14 @@ def test_falls_back_to_the_references_where_it_does_not_apply():
     cache = model.init_cache(decode_step.MAX_BATCH + 1)
     slots = torch.arange(decode_step.MAX_BATCH + 1)
     toks = torch.ones(len(slots), dtype=torch.long)
-    before = sum(decode_step.step_kernel_calls().values())
+    before = decode_step.step_kernel_calls()
     with torch.no_grad():
-        model.step(toks, cache, slots)  # too many rows for the weight-streaming kernels
+        model.step(toks, cache, slots)  # too many rows for the weight-streaming kernels: the hybrid path
+    assert decode_step.step_kernel_calls() - before == kernel_calls_per_step(model, len(slots))
+    before = sum(decode_step.step_kernel_calls().values())
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode_step, "HYBRID", False)
+        model.step(toks, cache, slots)
     assert sum(decode_step.step_kernel_calls().values()) == before
     logits = model.step(toks[:1], cache, [0])  # autograd on: the references keep the graph
     assert logits.requires_grad and sum(decode_step.step_kernel_calls().values()) == before

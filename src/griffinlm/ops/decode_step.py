@@ -7,19 +7,26 @@ pool (tensors of N >= n slots, dim 0 the slot); row b of the step belongs to poo
 document that starts at `doc_start[b]`. Each returns x + Block(RMSNorm(x)) and updates the
 state rows in place.
 
-Two implementations of each: `*_reference` composes the torch ops (any dtype, device, batch,
-autograd, torch.compile); on CPU in float32 without autograd, at most `MAX_BATCH` rows and
-numba present, the kernels of `decode_step_numba` do the same in one call per op, reading
-every weight once on all cores, and add the block's output into `x` in place (callers use the
-returned tensor, which is then `x` itself). `fusable` is the rule; `FUSED_CALLS` counts the
-kernel calls so that tests can tell the fast path ran.
+Three implementations of each: `*_reference` composes the torch ops (any dtype, device, batch,
+autograd, torch.compile). On CPU in float32 without autograd and with numba present:
+  - at most `MAX_BATCH` rows (`fusable`), the kernels of `decode_step_numba` do the same in one
+    call per op, reading every weight once on all cores (a step that streams the weights);
+  - above it (`hybrid`, while `HYBRID`), the projections run as GEMMs on `ops.linear` (the
+    fastest backend measured here, prepacked weights) and everything between them (norm, conv,
+    gates, RG-LRU, RoPE, the cache writes, attention over the cache, activations) as one
+    `*_mix` numba kernel per op, so a block half is 3-5 calls rather than ~40 torch ops.
+Both add the block's output into `x` in place (callers use the returned tensor, which is then
+`x` itself). `FUSED_CALLS` counts the kernel calls so that tests can tell a fast path ran;
+`references_only()` turns both off.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import operator
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,13 +41,28 @@ from .rglru import log_a_from_lambda, rglru_step
 from .rms_norm import rms_norm
 from .rotary import rotary
 
-# Rows per step up to which the weight-streaming kernels beat PyTorch's GEMMs (measured: at
-# batch 16 the torch step's GEMMs run at full width and the two are level).
-MAX_BATCH = 8
+# Rows per step up to which the weight-streaming kernels beat the hybrid path (GEMMs on
+# prepacked weights + mix kernels); measured: level at 6 rows, the hybrid 12% faster at 8.
+MAX_BATCH = 6
+# Steps of more rows take the GEMMs + `*_mix` kernels path.
+HYBRID = True
 
 # Kernel calls per op name (the ops' shared counter); tests read it to check that a fast path ran.
 FUSED_CALLS = scan_numba.FUSED_CALLS
-STEP_OPS = ("recurrent_step", "attention_step", "mlp_step", "logits_step")
+STEP_OPS = ("recurrent_step", "attention_step", "mlp_step", "logits_step",
+            "recurrent_mix", "attention_mix", "mlp_mix", "logits_mix")
+
+
+@contextlib.contextmanager
+def references_only() -> Iterator[None]:
+    """Within the block, every step op runs its torch reference (MAX_BATCH 0, HYBRID off)."""
+    global MAX_BATCH, HYBRID
+    saved = MAX_BATCH, HYBRID
+    MAX_BATCH, HYBRID = 0, False
+    try:
+        yield
+    finally:
+        MAX_BATCH, HYBRID = saved
 
 
 def step_kernel_calls() -> collections.Counter[str]:
@@ -71,6 +93,7 @@ def activation_reference(x: torch.Tensor, name: str, beta: float | torch.Tensor 
 
 # --- eligibility and zero-copy views ---------------------------------------------------------
 _EMPTY = np.empty(0, np.float32)
+_EMPTY_ROWS = np.empty((0, 0), np.float32)
 
 
 def _numpy_view(t: torch.Tensor) -> np.ndarray:
@@ -91,7 +114,7 @@ class KernelViews:
     owns one per fused op it calls, so a decoding step does not re-derive ~20 views per op, and
     tries `run` (the op's bound kernel call) before gathering the op's arguments at all."""
 
-    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound", "name")
+    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound", "name", "hybrid_views")
 
     def __init__(self) -> None:
         self.tensors: tuple = ()
@@ -104,6 +127,13 @@ class KernelViews:
         # between two kernels of a step.
         self.bound = None
         self.name = ""
+        self.hybrid_views: KernelViews | None = None  # the hybrid path's views (other tensors)
+
+    def hybrid(self) -> "KernelViews":
+        """The memo of the same layer's hybrid path."""
+        if self.hybrid_views is None:
+            self.hybrid_views = KernelViews()
+        return self.hybrid_views
 
     def run(self, x: torch.Tensor, rows: "StepRows | None", *pool: torch.Tensor) -> torch.Tensor | None:
         """Runs the bound kernel call on x (n, D) if it is still valid for this step and state
@@ -162,15 +192,18 @@ class StepRows:
     fused: bool = False
     arrays: tuple = ()
     threads: int = 1
+    hybrid: bool = False
 
     @classmethod
     def make(cls, x: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, doc_start: torch.Tensor,
              keys: int | None = None, whole: bool = False, unchanged: bool = False) -> "StepRows":
-        if not fusable(x):
+        fused = fusable(x)
+        mixed = not fused and hybrid(x)
+        if not (fused or mixed):
             return cls(slots, pos, doc_start, keys, whole, unchanged)
         arrays = tuple(t.numpy() if t.dtype == torch.int64 and t.is_contiguous() else t.long().contiguous().numpy()
                        for t in (slots, pos, doc_start))
-        return cls(slots, pos, doc_start, keys, whole, unchanged, True, arrays, _threads())
+        return cls(slots, pos, doc_start, keys, whole, unchanged, fused, arrays, _threads(), mixed)
 
 
 def fusable(x: torch.Tensor) -> bool:
@@ -180,6 +213,18 @@ def fusable(x: torch.Tensor) -> bool:
     if torch.is_grad_enabled() or x.dim() != 2 or not 0 < x.shape[0] <= MAX_BATCH:
         return False
     return scan_numba.cpu_fusable(x) and x.is_contiguous()
+
+
+def hybrid(x: torch.Tensor) -> bool:
+    """The GEMM + `*_mix` kernel path's step-level rule: as `fusable`, above MAX_BATCH rows."""
+    if not HYBRID or torch.is_grad_enabled() or x.dim() != 2 or x.shape[0] <= MAX_BATCH:
+        return False
+    return scan_numba.cpu_fusable(x) and x.is_contiguous()
+
+
+def _norm(x: torch.Tensor, norm: Norm, weight: np.ndarray) -> torch.Tensor:
+    """RMSNorm of a step's rows x (n, D) by the kernel (one pass, no autograd wrapper)."""
+    return torch.from_numpy(_kernels().rms_norm(x.numpy(), weight, norm[2], np.float32(norm[1])))
 
 
 def _threads() -> int:
@@ -215,17 +260,34 @@ def recurrent_step_reference(x: torch.Tensor, norm: Norm, linear_y: Linear, line
 def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Linear, conv: Linear,
                    lru: tuple, linear_out: Linear, gelu_approximate: str, conv_state: torch.Tensor,
                    h: torch.Tensor, rows: StepRows, views: KernelViews | None = None) -> torch.Tensor:
-    """As `recurrent_step_reference`, fused where `rows.fused` and the tensors allow
-    (`views`: the caller's memo of its weights' views)."""
+    """As `recurrent_step_reference`, fused where `rows.fused` or `rows.hybrid` and the tensors
+    allow (`views`: the caller's memo of its weights' views)."""
     views = views or KernelViews()
     gr_w, gr_b, gi_w, gi_b, lambda_, c, unscaled_reset = lru
+    gelu = ACTIVATIONS["gelu_tanh" if gelu_approximate == "tanh" else "gelu"]
+    if rows.hybrid:
+        hv = views.hybrid()
+        w = hv((norm[0], *conv, gr_w, gr_b, gi_w, gi_b, lambda_), rows.unchanged)
+        st = w and hv.states(conv_state, h)
+        if st:
+            k = _kernels()
+            n = _norm(x, norm, w[0])
+            y, u = linear(n, *linear_y), linear(n, *linear_x)  # (n, R) each, biases included
+            xc = torch.from_numpy(k.conv_mix(u.numpy(), w[1], w[2], st[0], *rows.arrays))
+            H, bw = gr_w.shape[:2]
+            xh = xc.view(-1, H, bw).transpose(0, 1)  # (H, n, bw): the gates as batched GEMMs
+            g_r = torch.baddbmm(gr_b.unsqueeze(1), xh, gr_w)
+            g_i = torch.baddbmm(gi_b.unsqueeze(1), xh, gi_w)
+            z = k.rglru_mix(xc.numpy(), g_r.numpy(), g_i.numpy(), y.numpy(), w[7], float(c), bool(unscaled_reset),
+                            st[1], *rows.arrays, gelu, rows.threads)
+            FUSED_CALLS["recurrent_mix"] += 1
+            return x.add_(linear(torch.from_numpy(z), *linear_out))
     w = rows.fused and views((norm[0], *linear_y, *linear_x, *conv, gr_w, gr_b, gi_w, gi_b, lambda_, *linear_out),
                              rows.unchanged)
     st = w and views.states(conv_state, h)
     if not st:
         return recurrent_step_reference(x, norm, linear_y, linear_x, conv, lru, linear_out, gelu_approximate,
                                         conv_state, h, rows)
-    gelu = ACTIVATIONS["gelu_tanh" if gelu_approximate == "tanh" else "gelu"]
     kernel = _kernels().recurrent_step
     fixed = (w[0], norm[2], np.float32(norm[1]), *w[1:7], st[0], *w[7:12], float(c), bool(unscaled_reset), st[1],
              w[12], w[13])
@@ -277,9 +339,21 @@ def attention_step_reference(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj
 def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear,
                    num_heads: int, rope: tuple, k_cache: torch.Tensor, v_cache: torch.Tensor, ring: bool,
                    rows: StepRows, views: KernelViews | None = None) -> torch.Tensor:
-    """As `attention_step_reference`, fused where `rows.fused` and the tensors allow."""
+    """As `attention_step_reference`, fused where `rows.fused` or `rows.hybrid` and the tensors allow."""
     views = views or KernelViews()
     inv_freq, rotary_dim, interleaved = rope
+    scale = np.float32(k_cache.shape[3] ** -0.5)
+    if rows.hybrid:
+        hv = views.hybrid()
+        w = hv((norm[0], inv_freq), rows.unchanged)
+        st = w and hv.states(k_cache, v_cache)
+        if st:
+            n = _norm(x, norm, w[0])
+            q, k, v = linear(n, *q_proj), linear(n, *k_proj), linear(n, *v_proj)
+            out = _kernels().attention_mix(q.numpy(), k.numpy(), v.numpy(), num_heads, w[1], rotary_dim,
+                                           bool(interleaved), st[0], st[1], ring, *rows.arrays, scale)
+            FUSED_CALLS["attention_mix"] += 1
+            return x.add_(linear(torch.from_numpy(out), *o_proj))
     w = rows.fused and views((norm[0], *q_proj, *k_proj, *v_proj, *o_proj, inv_freq), rows.unchanged)
     st = w and views.states(k_cache, v_cache)
     if not st:
@@ -288,7 +362,6 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
     kernel = _kernels().attention_step
     fixed = (w[0], norm[2], np.float32(norm[1]), *w[1:9], num_heads, w[9], rotary_dim, bool(interleaved), st[0], st[1],
              ring)
-    scale = np.float32(k_cache.shape[3] ** -0.5)
     views.bound, views.name = (lambda xa, r: kernel(xa, *fixed, *r.arrays, scale, r.threads)), "attention_step"
     views.bound(x.numpy(), rows)
     FUSED_CALLS["attention_step"] += 1
@@ -309,8 +382,16 @@ def mlp_step_reference(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Lin
 def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down: Linear, activation: str,
              beta: float | torch.Tensor = 1.0, rows: StepRows | None = None,
              views: KernelViews | None = None) -> torch.Tensor:
-    """As `mlp_step_reference`, fused where `rows.fused` (default: `fusable(x)`) and the weights allow."""
+    """As `mlp_step_reference`, fused where `rows.fused` or `rows.hybrid` (default: `fusable(x)`)
+    and the weights allow."""
     views = views or KernelViews()
+    if rows is not None and rows.hybrid and (w := views.hybrid()((norm[0],), rows.unchanged)):
+        m = _norm(x, norm, w[0])
+        u = linear(m, *up)
+        g = _EMPTY_ROWS if gate is None else linear(m, *gate).numpy()
+        hidden = _kernels().gated_hidden(g, u.numpy(), ACTIVATIONS[activation], np.float32(float(beta)), rows.threads)
+        FUSED_CALLS["mlp_mix"] += 1
+        return x.add_(linear(torch.from_numpy(hidden), *down))
     fused = fusable(x) if rows is None else rows.fused
     w = fused and views((norm[0], *(gate or (None, None)), *up, *down), rows is not None and rows.unchanged)
     if not w:
@@ -342,6 +423,10 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
     """As `logits_reference` for a step's rows x (n, D) -> (n, V), fused where `rows.fused`
     (default: `fusable(x)`) and the weights allow."""
     views = views or KernelViews()
+    if rows is not None and rows.hybrid and (w := views.hybrid()((norm[0],), rows.unchanged)):
+        FUSED_CALLS["logits_mix"] += 1
+        logits = linear(_norm(x, norm, w[0]), embedding)
+        return logits if soft_cap is None else torch.tanh(logits.div_(soft_cap)).mul_(soft_cap)
     fused = fusable(x) if rows is None else rows.fused
     w = fused and views((norm[0], embedding), rows is not None and rows.unchanged)
     if not w:

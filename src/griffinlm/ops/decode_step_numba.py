@@ -24,6 +24,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .rglru_numba import exp32, gates
 from .rms_norm_numba import norm_row
 
 # reassoc lets LLVM split each dot product over several vector accumulators.
@@ -33,16 +34,18 @@ f32 = np.float32
 
 @njit(fastmath=FM, inline="always")
 def _act(v, code, beta):
+    """Activation `code` of v, in float32 through `exp32` (a polynomial LLVM vectorises), the
+    tanh GeLU as v * sigmoid(2 z) = v (1 + tanh z) / 2."""
     if code == 1:
-        return f32(1.0) / (f32(1.0) + math.exp(-v))
+        return f32(1.0) / (f32(1.0) + exp32(-v))
     if code == 2:
         return v if v > 0 else f32(0.0)
     if code == 3:
-        return f32(0.5) * v * (f32(1.0) + math.tanh(f32(0.7978845608028654) * (v + f32(0.044715) * v * v * v)))
+        return v / (f32(1.0) + exp32(f32(-1.5957691216057308) * (v + f32(0.044715) * v * v * v)))
     if code == 4:
         return f32(0.5) * v * (f32(1.0) + math.erf(v * f32(0.7071067811865476)))
     if code == 5:
-        return v / (f32(1.0) + math.exp(-beta * v))
+        return v / (f32(1.0) + exp32(-beta * v))
     return v
 
 
@@ -116,6 +119,70 @@ def mlp_step(x, norm_w, unit_offset, eps, w_gate, b_gate, w_up, b_up, w_down, b_
         _linear_rows(hid, w_down, b_down, x, True, lo, hi)
 
 
+@njit(fastmath=FM, inline="always")
+def _conv_row(u, b, conv_w, conv_b, conv_state, sb, p, d0, xc):
+    """xc[b] = the causal depthwise conv over [slot sb's last W-1 inputs, u[b]] (lag W-1-j of
+    state row j visible within the document: p - (W-1-j) >= d0); then u[b] joins the state.
+    Loops over channels innermost, so that each vectorises."""
+    W, R = conv_w.shape[0], u.shape[1]
+    for r in range(R):
+        xc[b, r] = u[b, r] * conv_w[W - 1, r]
+    if conv_b.shape[0] > 0:
+        for r in range(R):
+            xc[b, r] += conv_b[r]
+    for j in range(W - 1):
+        if p - (W - 1 - j) >= d0:
+            for r in range(R):
+                xc[b, r] += conv_state[sb, j, r] * conv_w[j, r]
+    for j in range(W - 2):
+        for r in range(R):
+            conv_state[sb, j, r] = conv_state[sb, j + 1, r]
+    if W > 1:
+        for r in range(R):
+            conv_state[sb, W - 2, r] = u[b, r]
+
+
+@njit(fastmath=FM, inline="always")
+def _rglru_job(job, split, xc, y, gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset, h, slots, pos, doc_start,
+               gelu_code, z):
+    """Job (head job // split, output chunk job % split) of the RG-LRU step for every row:
+    block-diagonal gates on xc, the state update of h at slots[b], z = h * act(y). The gates
+    go through `rglru_numba.gates` (float32, vectorised over the chunk)."""
+    bw = gr_w.shape[1]
+    hd = job // split
+    lo, hi = _chunk(bw, split, job % split)
+    if hi <= lo:
+        return
+    acc_r = np.empty(hi - lo, f32)
+    acc_i = np.empty(hi - lo, f32)
+    log_a = np.empty(hi - lo, f32)
+    for j in range(hi - lo):  # log a = -softplus(-Lambda), torch's softplus threshold 20
+        lv = -lam[hd * bw + lo + j]
+        log_a[j] = -(lv if lv > 20.0 else math.log1p(math.exp(lv)))
+    cf = f32(c)
+    for b in range(xc.shape[0]):
+        for j in range(hi - lo):
+            acc_r[j] = gr_b[hd, lo + j]
+            acc_i[j] = gi_b[hd, lo + j]
+        for i in range(bw):
+            xi = xc[b, hd * bw + i]
+            for j in range(hi - lo):
+                acc_r[j] += xi * gr_w[hd, i, lo + j]
+                acc_i[j] += xi * gi_w[hd, i, lo + j]
+        reset = pos[b] == doc_start[b]
+        sb = slots[b]
+        base = hd * bw + lo
+        for j in range(hi - lo):
+            _, gate_i, a_t, mult = gates(acc_r[j], acc_i[j], log_a[j], cf)
+            if reset:
+                a_t = f32(0.0)
+                if unscaled_reset:
+                    mult = f32(1.0)
+            hn = a_t * h[sb, base + j] + xc[b, base + j] * gate_i * mult
+            h[sb, base + j] = hn
+            z[b, base + j] = hn * _act(y[b, base + j], gelu_code, f32(1.0))
+
+
 @njit(parallel=True, fastmath=FM, cache=True)
 def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv_b, conv_state,
                    gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset, h, w_out, b_out,
@@ -126,8 +193,6 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv
     document that starts at doc_start[b] (reset when they are equal)."""
     B = x.shape[0]
     R = w_y.shape[0]
-    W = conv_w.shape[0]
-    H, bw = gr_w.shape[0], gr_w.shape[1]
     n = rms_norm(x, norm_w, unit_offset, eps)
     y = np.empty((B, R), f32)
     u = np.empty((B, R), f32)
@@ -135,64 +200,76 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv
         lo, hi = _chunk(R, parts, ch)
         for r in range(lo, hi):
             for b in range(B):
-                y[b, r] = _act(_affine(w_y, b_y, r, n, b), gelu_code, f32(1.0))
+                y[b, r] = _affine(w_y, b_y, r, n, b)
                 u[b, r] = _affine(w_x, b_x, r, n, b)
-    # Causal depthwise conv over [state, u]: lag W-1-j of row j is visible within the document.
     xc = np.empty((B, R), f32)
     for b in range(B):
-        sb = slots[b]
-        for r in range(R):
-            acc = u[b, r] * conv_w[W - 1, r]
-            for j in range(W - 1):
-                if pos[b] - (W - 1 - j) >= doc_start[b]:
-                    acc += conv_state[sb, j, r] * conv_w[j, r]
-            if conv_b.shape[0] > 0:
-                acc += conv_b[r]
-            xc[b, r] = acc
-            for j in range(W - 2):
-                conv_state[sb, j, r] = conv_state[sb, j + 1, r]
-            if W > 1:
-                conv_state[sb, W - 2, r] = u[b, r]
-    # Block-diagonal gates, then the RG-LRU update, jobs = (head, output chunk).
-    split = max(1, parts // H)
+        _conv_row(u, b, conv_w, conv_b, conv_state, slots[b], pos[b], doc_start[b], xc)
+    split = max(1, parts // gr_w.shape[0])
     z = np.empty((B, R), f32)
-    for job in prange(H * split):
-        hd = job // split
-        lo, hi = _chunk(bw, split, job % split)
-        if hi <= lo:
-            continue
-        acc_r = np.empty(hi - lo, f32)
-        acc_i = np.empty(hi - lo, f32)
-        for b in range(B):
-            for j in range(hi - lo):
-                acc_r[j] = gr_b[hd, lo + j]
-                acc_i[j] = gi_b[hd, lo + j]
-            for i in range(bw):
-                xi = xc[b, hd * bw + i]
-                for j in range(hi - lo):
-                    acc_r[j] += xi * gr_w[hd, i, lo + j]
-                    acc_i[j] += xi * gi_w[hd, i, lo + j]
-            reset = pos[b] == doc_start[b]
-            sb = slots[b]
-            for j in range(hi - lo):
-                r = hd * bw + lo + j
-                lv = -lam[r]  # log a = -softplus(-Lambda), torch's softplus threshold 20
-                log_a = -(lv if lv > 20.0 else math.log1p(math.exp(lv)))
-                gate_r = 1.0 / (1.0 + math.exp(-acc_r[j]))
-                gate_i = 1.0 / (1.0 + math.exp(-acc_i[j]))
-                log_at = c * gate_r * log_a
-                a_t = math.exp(log_at)
-                mult = math.sqrt(-math.expm1(2.0 * log_at))
-                if reset:
-                    a_t = 0.0
-                    if unscaled_reset:
-                        mult = 1.0
-                hn = f32(a_t * h[sb, r] + xc[b, r] * gate_i * mult)
-                h[sb, r] = hn
-                z[b, r] = hn * y[b, r]
+    for job in prange(gr_w.shape[0] * split):
+        if gelu_code == 3:  # a constant activation code inside: the channel loop vectorises
+            _rglru_job(job, split, xc, y, gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset, h, slots, pos,
+                       doc_start, 3, z)
+        else:
+            _rglru_job(job, split, xc, y, gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset, h, slots, pos,
+                       doc_start, gelu_code, z)
     for c in prange(parts):
         lo, hi = _chunk(w_out.shape[0], parts, c)
         _linear_rows(z, w_out, b_out, x, True, lo, hi)
+
+
+@njit(parallel=True, fastmath=FM, cache=True)
+def conv_mix(u, conv_w, conv_b, conv_state, slots, pos, doc_start):
+    """The recurrent block's conv step for many rows: u (B, R) (the input projection, bias
+    included) -> (B, R), updating rows slots[b] of conv_state (N, W-1, R) in place."""
+    xc = np.empty_like(u)
+    for b in prange(u.shape[0]):
+        _conv_row(u, b, conv_w, conv_b, conv_state, slots[b], pos[b], doc_start[b], xc)
+    return xc
+
+
+@njit(parallel=True, fastmath=FM, cache=True)
+def rglru_mix(xc, gate_r, gate_i, y, lam, c, unscaled_reset, h, slots, pos, doc_start, gelu_code, parts):
+    """The RG-LRU step for many rows from its gates' pre-activations gate_r, gate_i (H, B, bw)
+    (computed by batched GEMMs): xc, y (B, R) -> z (B, R) = act(y) * h_new, updating rows
+    slots[b] of h (N, R) in place (as `recurrent_step`)."""
+    H, B, bw = gate_r.shape
+    R = H * bw
+    log_a = np.empty(R, f32)
+    for r in range(R):  # log a = -softplus(-Lambda), torch's softplus threshold 20
+        lv = -lam[r]
+        log_a[r] = -(lv if lv > 20.0 else math.log1p(math.exp(lv)))
+    cf = f32(c)
+    z = np.empty((B, R), f32)
+    for ch in prange(parts):
+        lo, hi = _chunk(B, parts, ch)
+        for b in range(lo, hi):
+            if gelu_code == 3:  # a constant activation code inside: the channel loop vectorises
+                _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, pos, doc_start, 3, z)
+            else:
+                _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, pos, doc_start,
+                           gelu_code, z)
+    return z
+
+
+@njit(fastmath=FM, inline="always")
+def _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, pos, doc_start, act, z):
+    """Row b of `rglru_mix`."""
+    H, bw = gate_r.shape[0], gate_r.shape[2]
+    # a reset multiplies a by 0 and (unscaled) replaces sqrt(1 - a^2) by 1: no branch in the
+    # channel loop
+    keep = f32(0.0) if pos[b] == doc_start[b] else f32(1.0)
+    force = f32(1.0) if keep == f32(0.0) and unscaled_reset else f32(0.0)
+    sb = slots[b]
+    for hd in range(H):
+        for j in range(bw):
+            r = hd * bw + j
+            _, g_i, a_t, mult = gates(gate_r[hd, b, j], gate_i[hd, b, j], log_a[r], cf)
+            mult += force * (f32(1.0) - mult)
+            hn = keep * a_t * h[sb, r] + xc[b, r] * g_i * mult
+            h[sb, r] = hn
+            z[b, r] = hn * _act(y[b, r], act, f32(1.0))
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
@@ -203,8 +280,7 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_
     (N, Hkv, S, hd), into which this token's key/value are written first (at pos[b] % S for a
     ring, else at pos[b])."""
     B = x.shape[0]
-    Hkv, S, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    rep = num_heads // Hkv
+    Hkv, hd = k_cache.shape[1], k_cache.shape[3]
     n = rms_norm(x, norm_w, unit_offset, eps)
     q = np.empty((B, num_heads * hd), f32)
     k = np.empty((B, Hkv * hd), f32)
@@ -218,67 +294,125 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_
     for c in prange(parts):
         lo, hi = _chunk(w_v.shape[0], parts, c)
         _linear_rows(n, w_v, b_v, v, False, lo, hi)
-    half = rotary_dim // 2
     for b in range(B):
-        sb = slots[b]
-        at = pos[b] % S if ring else pos[b]
-        seg = f32(pos[b] - doc_start[b])
-        for p in range(half):
-            ang = seg * inv_freq[p]
-            cs, sn = f32(math.cos(ang)), f32(math.sin(ang))
-            i1, i2 = (2 * p, 2 * p + 1) if interleaved else (p, p + half)
-            for hh in range(num_heads):
-                x1, x2 = q[b, hh * hd + i1], q[b, hh * hd + i2]
-                q[b, hh * hd + i1] = x1 * cs - x2 * sn
-                q[b, hh * hd + i2] = x2 * cs + x1 * sn
-            for hh in range(Hkv):
-                x1, x2 = k[b, hh * hd + i1], k[b, hh * hd + i2]
-                k[b, hh * hd + i1] = x1 * cs - x2 * sn
-                k[b, hh * hd + i2] = x2 * cs + x1 * sn
-        for hh in range(Hkv):
-            for d in range(hd):
-                k_cache[sb, hh, at, d] = k[b, hh * hd + d]
-                v_cache[sb, hh, at, d] = v[b, hh * hd + d]
+        _rope_and_write_row(b, q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
+                            slots[b], pos[b], doc_start[b])
     out = np.empty((B, num_heads * hd), f32)
-    for job in prange(B * num_heads):
-        b = job // num_heads
-        hh = job % num_heads
-        g = hh // rep
-        sb = slots[b]
-        p_b = pos[b]
-        visible = S if ring else min(p_b + 1, S)
-        qh = q[b, hh * hd:(hh + 1) * hd]
-        scores = np.empty(visible, f32)
-        best = f32(-np.inf)
-        for s in range(visible):
-            key_pos = p_b - (p_b - s) % S if ring else s
-            if key_pos < doc_start[b] or key_pos > p_b or key_pos < 0:  # < 0: a ring entry not written yet
-                scores[s] = -np.inf
-                continue
-            ks = k_cache[sb, g, s]
-            acc = f32(0.0)
-            for d in range(hd):
-                acc += qh[d] * ks[d]
-            scores[s] = acc * scale
-            best = max(best, scores[s])
-        total = f32(0.0)
-        for s in range(visible):
-            e = f32(math.exp(scores[s] - best)) if scores[s] > -np.inf else f32(0.0)
-            scores[s] = e
-            total += e
-        # Accumulate in a local vector: stores into `out` inside the loop would not vectorise
-        # (numba cannot rule out that out and v_cache overlap).
-        acc_v = np.zeros(hd, f32)
-        for s in range(visible):
-            p = scores[s] / total
-            vs = v_cache[sb, g, s]
-            for d in range(hd):
-                acc_v[d] += p * vs[d]
-        for d in range(hd):
-            out[b, hh * hd + d] = acc_v[d]
+    for job in prange(B * Hkv):
+        _attend_job(job, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out)
     for c in prange(parts):
         lo, hi = _chunk(w_o.shape[0], parts, c)
         _linear_rows(out, w_o, b_o, x, True, lo, hi)
+
+
+@njit(parallel=True, fastmath=FM, cache=True)
+def attention_mix(q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
+                  slots, pos, doc_start, scale):
+    """The attention block's step between its projections, for many rows: q (B, H*hd), k, v
+    (B, Hkv*hd) -> out (B, H*hd), as `attention_step` (RoPE on q and k in place, this token's
+    key/value written to rows slots[b] of the cache, then attention over them)."""
+    B = q.shape[0]
+    for b in prange(B):
+        _rope_and_write_row(b, q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
+                            slots[b], pos[b], doc_start[b])
+    out = np.empty((B, q.shape[1]), f32)
+    for job in prange(B * k_cache.shape[1]):
+        _attend_job(job, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out)
+    return out
+
+
+@njit(fastmath=FM, inline="always")
+def _rope_and_write_row(b, q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
+                        sb, p, d0):
+    """RoPE at position p - d0 on row b of q and k (in place), then row b's key/value into slot
+    sb of the cache at p % S for a ring, else at p."""
+    Hkv, S, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    half = rotary_dim // 2
+    at = p % S if ring else p
+    seg = f32(p - d0)
+    for i in range(half):
+        ang = seg * inv_freq[i]
+        cs, sn = f32(math.cos(ang)), f32(math.sin(ang))
+        i1, i2 = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+        for hh in range(num_heads):
+            x1, x2 = q[b, hh * hd + i1], q[b, hh * hd + i2]
+            q[b, hh * hd + i1] = x1 * cs - x2 * sn
+            q[b, hh * hd + i2] = x2 * cs + x1 * sn
+        for hh in range(Hkv):
+            x1, x2 = k[b, hh * hd + i1], k[b, hh * hd + i2]
+            k[b, hh * hd + i1] = x1 * cs - x2 * sn
+            k[b, hh * hd + i2] = x2 * cs + x1 * sn
+    for hh in range(Hkv):
+        for d in range(hd):
+            k_cache[sb, hh, at, d] = k[b, hh * hd + d]
+            v_cache[sb, hh, at, d] = v[b, hh * hd + d]
+
+
+@njit(fastmath=FM, inline="always")
+def _attend_job(job, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out):
+    """For job = b * Hkv + g: out[b, head] = softmax(q k^T * scale) v for every query head of kv
+    head g, over the keys of slot slots[b] that row b sees (its document's, up to its
+    position); each cached key and value is read once for the group's heads."""
+    Hkv, S, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    rep = num_heads // Hkv
+    b = job // Hkv
+    g = job % Hkv
+    sb = slots[b]
+    p_b = pos[b]
+    visible = S if ring else min(p_b + 1, S)
+    scores = np.empty((rep, visible), f32)
+    best = np.full(rep, -np.inf, f32)
+    for s in range(visible):
+        key_pos = p_b - (p_b - s) % S if ring else s
+        if key_pos < doc_start[b] or key_pos > p_b or key_pos < 0:  # < 0: a ring entry not written yet
+            for e in range(rep):
+                scores[e, s] = -np.inf
+            continue
+        ks = k_cache[sb, g, s]
+        for e in range(rep):
+            qh = q[b, (g * rep + e) * hd:(g * rep + e + 1) * hd]
+            acc = f32(0.0)
+            for d in range(hd):
+                acc += qh[d] * ks[d]
+            scores[e, s] = acc * scale
+            best[e] = max(best[e], scores[e, s])
+    total = np.zeros(rep, f32)
+    for e in range(rep):
+        for s in range(visible):
+            v = exp32(scores[e, s] - best[e])
+            v = v if scores[e, s] > -np.inf else f32(0.0)  # a select: the loop vectorises
+            scores[e, s] = v
+            total[e] += v
+    # Accumulate in a local array: stores into `out` inside the loop would not vectorise
+    # (numba cannot rule out that out and v_cache overlap).
+    acc_v = np.zeros((rep, hd), f32)
+    for s in range(visible):
+        vs = v_cache[sb, g, s]
+        for e in range(rep):
+            w = scores[e, s] / total[e]
+            for d in range(hd):
+                acc_v[e, d] += w * vs[d]
+    for e in range(rep):
+        for d in range(hd):
+            out[b, (g * rep + e) * hd + d] = acc_v[e, d]
+
+
+@njit(parallel=True, fastmath=FM, cache=True)
+def gated_hidden(gate, up, act, beta, parts):
+    """The MLP's hidden layer between its projections, for many rows: act(gate) * up, or act(up)
+    for an empty (0, 0) gate; (B, M) -> (B, M)."""
+    B, M = up.shape
+    hid = np.empty((B, M), f32)
+    gated = gate.shape[0] > 0
+    for c in prange(parts):
+        lo, hi = _chunk(B, parts, c)
+        for b in range(lo, hi):
+            for m in range(M):
+                if gated:
+                    hid[b, m] = _act(gate[b, m], act, beta) * up[b, m]
+                else:
+                    hid[b, m] = _act(up[b, m], act, beta)
+    return hid
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
