@@ -195,3 +195,23 @@ def test_bf16_weight_copy_follows_weight_updates():
         before = linear(x, w)
         w.mul_(-1.0)
         assert torch.equal(linear(x, w), -before)
+
+
+@needs_onednn
+def test_linear_many_stacks_projections_of_one_input_and_follows_weight_updates():
+    from griffinlm.ops.linear import linear_many
+
+    x = torch.randn(19, 96)
+    layers = [(torch.randn(130, 96), torch.randn(130)), (torch.randn(33, 96), None), (torch.randn(64, 96), None)]
+    GEMM_CALLS.clear()
+    with torch.no_grad(), force("onednn_packed"):
+        outs = linear_many(x, layers)
+        assert GEMM_CALLS["forward_stacked:onednn_packed"] == 1
+        for o, (w, b) in zip(outs, layers):
+            assert rel_err(o, F.linear(x, w, b)) < 1e-5
+        layers[1][0].mul_(3.0)  # one of the stacked weights changes in place: the stack is re-made
+        assert rel_err(linear_many(x, layers)[1], F.linear(x, layers[1][0])) < 1e-5
+    with torch.no_grad(), force("mkl"):  # separate products
+        GEMM_CALLS.clear()
+        assert rel_err(linear_many(x, layers)[2], F.linear(x, layers[2][0])) < 1e-5
+        assert GEMM_CALLS == {"forward:mkl": 3}

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import scan_numba
 from .block_diagonal import block_diagonal_linear
 from .causal_conv1d import causal_conv1d_step
-from .linear import linear
+from .linear import linear, linear_many
 from .local_attention import grouped_attention
 from .rglru import log_a_from_lambda, rglru_step
 from .rms_norm import rms_norm
@@ -272,7 +272,7 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
         if st:
             k = _kernels()
             n = _norm(x, norm, w[0])
-            y, u = linear(n, *linear_y), linear(n, *linear_x)  # (n, R) each, biases included
+            y, u = (t.contiguous() for t in linear_many(n, (linear_y, linear_x)))  # (n, R) each, with biases
             xc = torch.from_numpy(k.conv_mix(u.numpy(), w[1], w[2], st[0], *rows.arrays))
             H, bw = gr_w.shape[:2]
             xh = xc.view(-1, H, bw).transpose(0, 1)  # (H, n, bw): the gates as batched GEMMs
@@ -349,7 +349,7 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
         st = w and hv.states(k_cache, v_cache)
         if st:
             n = _norm(x, norm, w[0])
-            q, k, v = linear(n, *q_proj), linear(n, *k_proj), linear(n, *v_proj)
+            q, k, v = (t.contiguous() for t in linear_many(n, (q_proj, k_proj, v_proj)))
             out = _kernels().attention_mix(q.numpy(), k.numpy(), v.numpy(), num_heads, w[1], rotary_dim,
                                            bool(interleaved), st[0], st[1], ring, *rows.arrays, scale)
             FUSED_CALLS["attention_mix"] += 1
@@ -387,8 +387,11 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
     views = views or KernelViews()
     if rows is not None and rows.hybrid and (w := views.hybrid()((norm[0],), rows.unchanged)):
         m = _norm(x, norm, w[0])
-        u = linear(m, *up)
-        g = _EMPTY_ROWS if gate is None else linear(m, *gate).numpy()
+        if gate is None:
+            g, u = _EMPTY_ROWS, linear(m, *up)
+        else:
+            g, u = (t.contiguous() for t in linear_many(m, (gate, up)))
+            g = g.numpy()
         hidden = _kernels().gated_hidden(g, u.numpy(), ACTIVATIONS[activation], np.float32(float(beta)), rows.threads)
         FUSED_CALLS["mlp_mix"] += 1
         return x.add_(linear(torch.from_numpy(hidden), *down))

@@ -7,6 +7,8 @@ So nothing is assumed: the products of a linear layer are
     "forward"       y  = x W^T (+ b)     x (M, K), W (N, K)
     "grad_input"    dx = g W             g (M, N)
     "grad_weight"   dW = g^T x
+    "forward_stacked"  several forward products of one x as one GEMM on the stacked weights
+                       (`linear.linear_many`; "mkl" there means separate products)
 
 and for each product and class of shapes (M rounded up to a power of two, N, K) the candidate
 backends run on the real operands at the first product of that class, interleaved, best of three:
@@ -41,7 +43,7 @@ import torch
 
 from ..user_cache import cache_dir
 
-PRODUCTS = ("forward", "grad_input", "grad_weight")
+PRODUCTS = ("forward", "grad_input", "grad_weight", "forward_stacked")
 BACKENDS = ("mkl", "onednn", "onednn_packed")
 MARGIN = 0.95  # a backend replaces "mkl" only at <= 95% of its time
 MIN_MNK = 2 ** 19  # smaller products run F.linear unmeasured: the call overhead dominates them
@@ -51,7 +53,7 @@ MAX_ROW_CLASS = 4096  # every M >= 4096 is one class (rates are flat well before
 GEMM_CALLS: collections.Counter[str] = collections.Counter()
 
 _forced: list[str] = []
-_lock = threading.Lock()
+_lock = threading.RLock()  # a measurement may run products that choose their own backend
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,7 +207,7 @@ def choose(product: str, dtype: torch.dtype, m: int, n: int, k: int,
     (name -> zero-argument call computing the product) and remembered."""
     forced = _override()
     if forced != "auto":
-        return forced if forced != "onednn_packed" or product == "forward" else "onednn"
+        return forced if forced != "onednn_packed" or product.startswith("forward") else "onednn"
     if m * n * k < MIN_MNK:
         return "mkl"
     memo_key = (product, dtype, row_class(m), n, k, torch.get_num_threads())
@@ -276,6 +278,23 @@ COPIES = WeightCopies(int(float(os.environ.get("GRIFFINLM_GEMM_COPIES_MB", "4096
 def packed(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` (N, K) fp32 in oneDNN's blocked layout (cached), or None past the budget."""
     return COPIES.get("packed", weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, MAX_ROW_CLASS))
+
+
+def packed_concat(weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The weights (N_i, K) stacked along N in oneDNN's blocked layout (cached while every one of
+    them is unchanged), or None past the budget: one GEMM for several projections of one input."""
+    first = weights[0]
+    entry = COPIES.entries.get(("concat", id(first)))
+    if entry is not None and entry[0]() is first and getattr(entry[3], "_sources", None) != \
+            [(id(w), w._version, w.data_ptr()) for w in weights]:
+        COPIES._drop(("concat", id(first)))
+
+    def make(_):
+        out = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), MAX_ROW_CLASS)
+        out._sources = [(id(w), w._version, w.data_ptr()) for w in weights]
+        return out
+
+    return COPIES.get("concat", first, make)
 
 
 def bf16_copy(weight: torch.Tensor) -> torch.Tensor:

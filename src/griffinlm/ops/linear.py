@@ -158,3 +158,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     else:
         y = _forward_fp32(x2, weight, bias)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_many(x: torch.Tensor, layers: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]) -> list[torch.Tensor]:
+    """[linear(x, w, b) for (w, b) in layers], as one GEMM on their stacked weights where oneDNN's
+    prepacked kernel is the measured choice for the stacked shape (no autograd, x (M, K)); the
+    outputs are then column views of one (M, sum N) result.
+
+    Used by the decoding step, whose projections of one normed input (q/k/v, gate/up, the
+    recurrent block's two branches) are each too narrow at a few rows to reach the GEMM rate."""
+    weights = tuple(w for w, _ in layers)
+    if (torch.is_grad_enabled() or x.dim() != 2 or len(layers) < 2 or _mode(x, weights[0], layers[0][1]) != "fp32"
+            or any(_mode(x, w, b) != "fp32" for w, b in layers[1:])):
+        return [linear(x, w, b) for w, b in layers]
+    M, K = x.shape
+    sizes = [w.shape[0] for w in weights]
+
+    def stacked() -> list[torch.Tensor]:
+        p = gb.packed_concat(weights)
+        if p is None:  # over the copies' budget
+            return [linear(x, w, b) for w, b in layers]
+        outs = list(_onednn(x, p).split(sizes, dim=1))  # column views of one (M, sum N) result
+        return [o if b is None else o.add_(b) for o, (_, b) in zip(outs, layers)]
+
+    def candidates():
+        return {"mkl": lambda: [linear(x, w, b) for w, b in layers], "onednn_packed": stacked}
+
+    # "mkl" here stands for separate products, each on its own measured backend
+    if gb.choose("forward_stacked", x.dtype, M, sum(sizes), K, candidates) != "onednn_packed":
+        return [linear(x, w, b) for w, b in layers]
+    GEMM_CALLS["forward_stacked:onednn_packed"] += 1
+    return stacked()
