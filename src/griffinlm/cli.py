@@ -16,6 +16,7 @@ SUBCOMMANDS = (
     ("griffinlm.train.cli", "add_eval_parser"),
     ("griffinlm.evaluate.cli", "add_study_parser"),
     ("griffinlm.inference.cli", "add_generate_parser"),
+    ("griffinlm.serve.cli", "add_serve_parser"),
     ("griffinlm.interop.cli", "add_convert_parser"),
     ("griffinlm.parallel.cli", "add_plan_parser"),
 )

@@ -1,0 +1,305 @@
+"""The serving engine: continuous batching of text requests over the model's state slots.
+
+One thread owns the model and a pool of `max_batch` slots (`model.init_cache`). Each iteration
+  1. admits queued requests into free slots (each slot reset: a new sequence),
+  2. prefills prompts in chunks within a per-iteration token budget (`chunk_tokens`), oldest
+     first, so that a long prompt delays the running decodes by one chunk at most,
+  3. runs one `model.step` over every decoding slot and samples each row with its own
+     parameters and its own seeded generator (a request's samples do not depend on what else
+     is in the batch),
+and streams every new piece of text to the request's `sink`. A request leaves its slot the
+moment it finishes (EOS, a stop string, `max_tokens`) or is cancelled (a client that went
+away); the next iteration can hand the slot to a queued request. Nothing waits for a batch to
+drain.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import check_sampling, sample_next
+from ..inference.text import StopStrings, TextStreamer, check_stop
+
+
+class QueueFull(Exception):
+    """The engine's queue holds `max_queue` requests: the caller should retry later (HTTP 429)."""
+
+
+class BadRequest(ValueError):
+    """A request the engine cannot run; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Sampling:
+    """Per-request generation settings (OpenAI names). temperature 0 is greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # how many most likely alternatives to report per token (0-5)
+    ignore_eos: bool = False
+
+    def check(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise BadRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        for name, args in (("temperature", (self.temperature,)), ("top_k", (0.0, self.top_k)),
+                           ("top_p", (0.0, None, self.top_p))):
+            try:
+                check_sampling(*args)
+            except ValueError as e:
+                raise BadRequest(str(e), name) from None
+        if self.logprobs is not None and not 0 <= self.logprobs <= 5:
+            raise BadRequest(f"logprobs must be between 0 and 5, got {self.logprobs!r}", "logprobs")
+        try:
+            self.stop = check_stop(self.stop)
+        except ValueError as e:
+            raise BadRequest(str(e), "stop") from None
+
+
+@dataclass
+class Event:
+    """What the engine sends a request's sink: a piece of text with its token(s), or the end.
+
+    kind: "token" (text may be "" while a character or a possible stop string is held back),
+    "done" (finish_reason "stop" or "length"), or "error" (message)."""
+
+    kind: str
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    message: str = ""
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """One generation: prompt ids, sampling settings, and where its events go (`sink`, called
+    from the engine thread)."""
+
+    def __init__(self, prompt: list[int], sampling: Sampling, sink: Callable[[Event], None], tokenizer) -> None:
+        self.id = next(_ids)
+        self.prompt, self.sampling, self.sink = prompt, sampling, sink
+        self.generator = None
+        if sampling.seed is not None:
+            self.generator = torch.Generator().manual_seed(sampling.seed)
+        self.streamer = TextStreamer(tokenizer, context=[i for i in prompt if i != tokenizer.bos_id])
+        self.cutter = StopStrings(sampling.stop) if sampling.stop else None
+        self.slot: int | None = None
+        self.prefilled = 0
+        self.generated: list[int] = []
+        self.cancelled = False
+        self.arrived = time.perf_counter()
+        self.last_token_at: float | None = None
+
+
+class Engine:
+    """Continuous batching over `max_batch` state slots (see the module docstring).
+
+    `submit` (any thread) queues a request or raises QueueFull / BadRequest; `cancel` marks it
+    to leave at the next iteration. `metrics` is an optional `ServeMetrics`."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 64, max_queue: int = 256,
+                 max_prompt_tokens: int | None = None, chunk_tokens: int = 512, max_length: int | None = None,
+                 metrics=None, precision=None) -> None:
+        if max_batch < 1 or max_queue < 0 or chunk_tokens < 1:
+            raise ValueError("max_batch and chunk_tokens must be >= 1, max_queue >= 0")
+        self.model, self.tok, self.metrics = model.eval(), tokenizer, metrics
+        self.precision = precision  # an autocast context entered by the engine thread (None: fp32)
+        self.max_batch, self.max_queue, self.chunk_tokens = max_batch, max_queue, chunk_tokens
+        cfg = model.config
+        self.global_attention = "global_attention" in cfg.block_types
+        # Only global attention keeps every key: a slot then holds at most max_length tokens.
+        self.max_length = max_length or cfg.max_position or 4096
+        self.max_prompt_tokens = max_prompt_tokens or (self.max_length if self.global_attention else 1 << 20)
+        self.cache = model.init_cache(max_batch, max_length=self.max_length if self.global_attention else None)
+        self.free = list(range(max_batch))[::-1]
+        self.queue: collections.deque[Request] = collections.deque()
+        self.prefilling: list[Request] = []
+        self.decoding: list[Request] = []
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="griffinlm-engine", daemon=True)
+        self.thread.start()
+
+    # --- called from other threads -----------------------------------------------------------
+    def submit(self, prompt: list[int], sampling: Sampling, sink: Callable[[Event], None]) -> Request:
+        sampling.check()
+        if not prompt:
+            raise BadRequest("the prompt has no tokens", "prompt")
+        if any(not 0 <= t < self.model.config.vocab_size for t in prompt):
+            raise BadRequest(f"prompt token ids must be in [0, {self.model.config.vocab_size})", "prompt")
+        if len(prompt) > self.max_prompt_tokens:
+            raise BadRequest(f"the prompt has {len(prompt)} tokens, more than the server's limit of "
+                             f"{self.max_prompt_tokens}", "prompt")
+        if self.global_attention and len(prompt) + sampling.max_tokens > self.max_length:
+            raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds this "
+                             f"model's context of {self.max_length} tokens", "max_tokens")
+        req = Request(prompt, sampling, sink, self.tok)
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.queue) >= self.max_queue + len(self.free):
+                raise QueueFull(f"all {self.max_batch} slots are busy and {len(self.queue)} requests are queued")
+            self.queue.append(req)
+            self.cond.notify()
+        self._gauges()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True
+        with self.cond:
+            self.cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops admitting, cancels what is left and ends the engine thread."""
+        with self.cond:
+            self.stopping = True
+            for r in self.queue:
+                r.cancelled = True
+            self.cond.notify()
+        self.thread.join(timeout)
+
+    def active(self) -> int:
+        return self.max_batch - len(self.free)
+
+    # --- the engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        if self.precision is not None:
+            self.precision.__enter__()  # autocast state is per thread: this one runs the model
+        while True:
+            with self.cond:
+                while not (self.queue or self.prefilling or self.decoding or self.stopping):
+                    self.cond.wait()
+                if self.stopping and not (self.prefilling or self.decoding):
+                    for r in self.queue:
+                        r.sink(Event("error", message="the server is shutting down"))
+                    self.queue.clear()
+                    return
+            self._iteration()
+
+    def _iteration(self) -> None:
+        with self.cond:
+            while self.queue and self.free:
+                req = self.queue.popleft()
+                if req.cancelled:
+                    continue
+                req.slot = self.free.pop()
+                self.cache.reset([req.slot])
+                self.prefilling.append(req)
+        self._gauges()
+        budget = self.chunk_tokens
+        for req in list(self.prefilling):
+            if budget <= 0:
+                break
+            if req.cancelled:
+                self._leave(req, None)
+                continue
+            n = min(budget, len(req.prompt) - req.prefilled)
+            chunk = torch.tensor(req.prompt[req.prefilled:req.prefilled + n])
+            try:
+                logits = self.model.prefill(chunk, self.cache, req.slot, last_only=True)
+            except Exception as e:  # this request fails; the others go on
+                self._fail(req, e)
+                continue
+            req.prefilled += n
+            budget -= n
+            if req.prefilled == len(req.prompt):
+                self.prefilling.remove(req)
+                self.decoding.append(req)
+                self._emit(req, logits)
+        rows = []
+        for req in list(self.decoding):
+            if req.cancelled:
+                self._leave(req, None)
+            else:
+                rows.append(req)
+        if not rows:
+            return
+        tokens = torch.tensor([r.generated[-1] for r in rows])
+        slots = torch.tensor([r.slot for r in rows])
+        try:
+            logits = self.model.step(tokens, self.cache, slots, check=False)  # (n, V)
+        except Exception as e:  # not attributable to one row: every row of the step fails
+            for r in rows:
+                self._fail(r, e)
+            return
+        for r, row in zip(rows, logits):
+            self._emit(r, row)
+
+    def _emit(self, req: Request, logits: torch.Tensor) -> None:
+        """Samples the request's next token from logits (V,) and sends its text; ends the request
+        on EOS, a stop string or max_tokens."""
+        s = req.sampling
+        token = int(sample_next(logits[None], s.temperature, req.generator, s.top_k, s.top_p)[0])
+        event = Event("token", token=token)
+        if s.logprobs is not None:
+            lp = torch.log_softmax(logits.float(), -1)
+            event.logprob = float(lp[token])
+            if s.logprobs:
+                top = torch.topk(lp, s.logprobs)
+                event.top_logprobs = {int(i): float(v) for v, i in zip(top.values, top.indices)}
+        req.generated.append(token)
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.token(now - (req.last_token_at or req.arrived), first=req.last_token_at is None)
+        req.last_token_at = now
+        finish = None
+        if token == self.tok.eos_id and not s.ignore_eos:
+            finish = "stop"
+        else:
+            event.text = req.streamer.push(token)
+            if req.cutter is not None and event.text:
+                event.text, hit = req.cutter.push(event.text)
+                finish = "stop" if hit else None
+        if finish is None and len(req.generated) >= s.max_tokens:
+            finish = "length"
+        if finish is not None and not (req.cutter is not None and req.cutter.stopped):
+            tail = req.streamer.flush()
+            if req.cutter is not None:
+                tail, hit = req.cutter.push(tail) if tail else ("", False)
+                tail += "" if hit else req.cutter.flush()
+                finish = "stop" if hit else finish
+            event.text += tail
+        req.sink(event)
+        if finish is not None:
+            self._leave(req, finish)
+
+    def _leave(self, req: Request, finish_reason: str | None) -> None:
+        """Frees the request's slot; sends "done" unless it was cancelled."""
+        for group in (self.prefilling, self.decoding):
+            if req in group:
+                group.remove(req)
+        if req.slot is not None:
+            self.free.append(req.slot)
+            req.slot = None
+        if finish_reason is not None:
+            req.sink(Event("done", finish_reason=finish_reason, prompt_tokens=len(req.prompt),
+                           completion_tokens=len(req.generated)))
+        self._gauges()
+
+    def _fail(self, req: Request, error: Exception) -> None:
+        self._leave(req, None)
+        req.sink(Event("error", message=f"{type(error).__name__}: {error}"))
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.gauges(len(self.queue), self.active())

@@ -1,0 +1,212 @@
+"""`griffinlm serve`: the OpenAI-compatible server on loopback, with the `openai` client and raw
+HTTP, every test bounded in requests and time."""
+import concurrent.futures as cf
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
+
+from griffinlm import LanguageModel, ModelConfig  # noqa: E402
+from griffinlm.data import ByteTokenizer  # noqa: E402
+from griffinlm.serve.api import create_app  # noqa: E402
+from griffinlm.serve.engine import Engine  # noqa: E402
+from griffinlm.serve.metrics import ServeMetrics  # noqa: E402
+
+TOK = ByteTokenizer()
+CFG = ModelConfig.preset("griffin-tiny", width=64, depth=3, num_heads=2, local_window=8, vocab_size=259)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(engine: Engine, metrics: ServeMetrics):
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", metrics), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def srv():
+    torch.manual_seed(0)
+    model = LanguageModel(CFG).eval()
+    metrics = ServeMetrics()
+    engine = Engine(model, TOK, max_batch=8, max_queue=8, chunk_tokens=16, metrics=metrics)
+    server, thread, url = start(engine, metrics)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield SimpleNamespace(url=url, engine=engine, model=model, client=client)
+    server.should_exit = True
+    thread.join(10)
+    engine.stop()
+
+
+def expected_text(model, prompt: str, max_tokens: int, stop: list[str] | None = None) -> tuple[str, str]:
+    """(text, finish_reason) of greedy generation for this prompt alone, by `model.generate`."""
+    ids = [TOK.bos_id] + list(TOK.encode(prompt))
+    out = model.generate([ids], max_tokens, stop_tokens=[TOK.eos_id])[0][len(ids):].tolist()
+    finish = "stop" if out and out[-1] == TOK.eos_id else "length"
+    text = bytes(t for t in out if t < 256).decode("utf-8", errors="replace")
+    for s in stop or []:
+        if s in text:
+            text, finish = text[: text.index(s)], "stop"
+    return text, finish
+
+
+def wait_idle(engine: Engine, seconds: float = 10.0) -> None:
+    deadline = time.time() + seconds
+    while engine.active() or engine.queue:
+        assert time.time() < deadline, f"slots still busy: {engine.active()} active, {len(engine.queue)} queued"
+        time.sleep(0.02)
+
+
+def test_completion_and_stream_equal_generate_alone(srv):
+    want, finish = expected_text(srv.model, "def main(", 24)
+    r = srv.client.completions.create(model="tiny", prompt="def main(", max_tokens=24, temperature=0)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == finish
+    assert r.usage.prompt_tokens == 10 and 1 <= r.usage.completion_tokens <= 24
+    pieces, reasons = [], []
+    for chunk in srv.client.completions.create(model="tiny", prompt="def main(", max_tokens=24, temperature=0,
+                                               stream=True):
+        pieces.append(chunk.choices[0].text)
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == want and reasons[-1] == finish and set(reasons[:-1]) == {None}
+
+
+def test_chat_completion_plain_and_streamed(srv):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    r = srv.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
+    want, _ = expected_text(srv.model, "System: be brief\nUser: hi\nAssistant:", 12, ["\nUser:"])
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    assert r.choices[0].finish_reason in ("stop", "length")
+    streamed = "".join(c.choices[0].delta.content or "" for c in srv.client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=12, temperature=0, stream=True))
+    assert streamed == want
+
+
+def test_32_concurrent_greedy_requests_each_equal_generate_alone(srv):
+    shared = "import os\nimport sys\n"
+    prompts = [("x" * (i % 7 + 1)) + str(i) for i in range(12)]  # short prompts of different lengths
+    prompts += [shared + f"def f{i}():" for i in range(10)]  # a shared prefix, longer than the window of 8
+    prompts += ["class A:\n" * (i % 4 + 2) for i in range(10)]  # longer than a prefill chunk of 16
+    stops = [["\n"] if i % 5 == 0 else None for i in range(len(prompts))]
+    want = [expected_text(srv.model, p, 20, s) for p, s in zip(prompts, stops)]
+
+    def ask(i):
+        return srv.client.completions.create(model="tiny", prompt=prompts[i], max_tokens=20, temperature=0,
+                                             stop=stops[i])
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, range(len(prompts))))
+    for i, r in enumerate(got):
+        assert (r.choices[0].text, r.choices[0].finish_reason) == want[i], i
+    wait_idle(srv.engine)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(srv):
+    kw = dict(model="tiny", prompt="for i in", max_tokens=16, temperature=1.0, seed=7)
+    alone = srv.client.completions.create(**kw, extra_body={"top_k": 50}).choices[0].text
+    with cf.ThreadPoolExecutor(8) as pool:
+        noise = [pool.submit(srv.client.completions.create, model="tiny", prompt=f"while {i}", max_tokens=16,
+                             temperature=1.0, seed=i) for i in range(6)]
+        again = pool.submit(srv.client.completions.create, **kw, extra_body={"top_k": 50})
+        assert again.result().choices[0].text == alone
+        [f.result() for f in noise]
+    two = srv.client.completions.create(model="tiny", prompt="for i in", max_tokens=16, temperature=1.0, seed=3, n=2)
+    assert len(two.choices) == 2 and [c.index for c in two.choices] == [0, 1]
+
+
+def test_bad_requests_answer_400_naming_the_field_and_the_server_goes_on(srv):
+    cases = [({"prompt": "a", "max_tokens": 0}, "max_tokens"), ({"prompt": "a", "temperature": -1}, "temperature"),
+             ({"prompt": "a", "temperature": "hot"}, "temperature"), ({"prompt": "a", "top_p": 2}, "top_p"),
+             ({"prompt": "a", "logprobs": 9}, "logprobs"), ({"max_tokens": 3}, "prompt"),
+             ({"prompt": [1, 2, 999]}, "prompt"), ({"prompt": "a", "model": "gpt-9"}, "model"),
+             ({"prompt": "a", "stop": [""]}, "stop"), ({"prompt": "a", "n": "two"}, "n")]
+    with httpx.Client(base_url=srv.url, timeout=30) as http:
+        for body, field in cases:
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 400, (body, r.text)
+            assert r.json()["error"]["param"] == field, (body, r.json())
+        r = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "error" in r.json()
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+        ok = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_models_health_metrics_and_logprobs(srv):
+    with httpx.Client(base_url=srv.url, timeout=30) as http:
+        assert http.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        assert http.get("/health").json()["status"] == "ok"
+        r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": 0, "logprobs": 2})
+        lp = r.json()["choices"][0]["logprobs"]
+        assert len(lp["token_logprobs"]) == 3 and all(v <= 0 for v in lp["token_logprobs"])
+        assert all(len(t) == 2 for t in lp["top_logprobs"])
+        text = http.get("/metrics").text
+        for name in ("griffinlm_requests_total", "griffinlm_queue_length", "griffinlm_active_slots",
+                     "griffinlm_generated_tokens_total", "griffinlm_time_to_first_token_seconds_bucket",
+                     "griffinlm_inter_token_latency_seconds_bucket"):
+            assert name in text, name
+        assert 'griffinlm_requests_total{status="200"}' in text
+
+
+def test_overload_answers_429_and_health_stays_up(srv):
+    """40 concurrent long requests against 8 slots + 8 queued: each ends 200 or 429, none hangs."""
+    def ask(i):
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            return http.post("/v1/completions", json={"prompt": f"n{i}", "max_tokens": 60, "temperature": 0}).status_code
+
+    with cf.ThreadPoolExecutor(40) as pool:
+        futures = [pool.submit(ask, i) for i in range(40)]
+        with httpx.Client(base_url=srv.url, timeout=10) as http:
+            assert http.get("/health").status_code == 200
+        codes = [f.result(timeout=120) for f in futures]
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+    wait_idle(srv.engine)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(srv):
+    with httpx.Client(base_url=srv.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 500, "temperature": 0,
+                                                          "stream": True, "ignore_eos": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    json.loads(line[6:])
+                    break
+    wait_idle(srv.engine)
+
+
+def test_a_failing_request_gets_500_and_the_others_are_served(srv, monkeypatch):
+    real = srv.model.prefill
+
+    def flaky(tokens, cache, slot, **kw):
+        if int(tokens[-1]) == ord("!"):
+            raise RuntimeError("injected failure")
+        return real(tokens, cache, slot, **kw)
+
+    monkeypatch.setattr(srv.model, "prefill", flaky)
+    with httpx.Client(base_url=srv.url, timeout=30) as http:
+        bad = http.post("/v1/completions", json={"prompt": "boom!", "max_tokens": 3})
+        assert bad.status_code == 500 and "injected failure" in bad.json()["error"]["message"]
+        assert http.post("/v1/completions", json={"prompt": "fine", "max_tokens": 3}).status_code == 200
+    wait_idle(srv.engine)
