@@ -51,7 +51,8 @@ def srv():
     torch.manual_seed(0)
     model = LanguageModel(CFG).eval()
     metrics = ServeMetrics()
-    engine = Engine(model, TOK, max_batch=8, max_queue=8, chunk_tokens=16, metrics=metrics)
+    engine = Engine(model, TOK, max_batch=8, max_queue=8, chunk_tokens=16, metrics=metrics,
+                    prefix_cache_bytes=8 * 2**20)
     server, thread, url = start(engine, metrics)
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     yield SimpleNamespace(url=url, engine=engine, model=model, client=client)
@@ -210,3 +211,63 @@ def test_a_failing_request_gets_500_and_the_others_are_served(srv, monkeypatch):
         assert bad.status_code == 500 and "injected failure" in bad.json()["error"]["message"]
         assert http.post("/v1/completions", json={"prompt": "fine", "max_tokens": 3}).status_code == 200
     wait_idle(srv.engine)
+
+
+def test_prefix_cache_hit_gives_the_tokens_of_a_miss(srv):
+    prefix = "# a shared header of a few chunks\nimport os, sys, re\n"  # 53 tokens with BOS: 3 chunks of 16
+    hits, misses = srv.engine.prefixes.hits, srv.engine.prefixes.misses
+    first = srv.client.completions.create(model="tiny", prompt=prefix + "x = 1", max_tokens=12, temperature=0)
+    second = srv.client.completions.create(model="tiny", prompt=prefix + "x = 1", max_tokens=12, temperature=0)
+    other = srv.client.completions.create(model="tiny", prompt=prefix + "y", max_tokens=12, temperature=0)
+    want = [expected_text(srv.model, prefix + p, 12)[0] for p in ("x = 1", "y")]
+    assert first.choices[0].text == second.choices[0].text == want[0]
+    assert other.choices[0].text == want[1]
+    assert srv.engine.prefixes.hits - hits >= 2 and srv.engine.prefixes.misses - misses >= 1
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        text = http.get("/metrics").text
+    assert 'griffinlm_prefix_cache_lookups_total{result="hit"}' in text
+    assert 'griffinlm_prefix_cache_lookups_total{result="miss"}' in text
+
+
+def test_griffinlm_serve_command_drains_on_sigterm(tmp_path):
+    """The CLI serves a checkpoint; SIGTERM lets the running stream finish, then exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    model = LanguageModel(CFG).eval()
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    port = free_port()
+    env = {**os.environ, "GRIFFINLM_DISABLE_NUMBA": "1"}  # no JIT compile in the child
+    proc = subprocess.Popen([sys.executable, "-m", "griffinlm", "serve", "--checkpoint", str(tmp_path), "--port",
+                             str(port), "--max-batch", "2"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        pieces = []
+        with httpx.Client(base_url=url, timeout=60) as http:
+            with http.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 300, "ignore_eos": True,
+                                                              "temperature": 0, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if not pieces:
+                        proc.send_signal(signal.SIGTERM)  # mid-stream
+                    pieces.append(line)
+        assert pieces[-2] == "data: [DONE]" or pieces[-1] == "data: [DONE]"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -21,6 +22,8 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted (default: the context for global attention, else 1M)")
     p.add_argument("--chunk-tokens", type=int, default=512, help="prompt tokens prefilled per engine iteration")
+    p.add_argument("--prefix-cache-mb", type=float, default=256,
+                   help="memory for kept prompt-prefix states (0: no prefix cache)")
     p.add_argument("--model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
@@ -51,9 +54,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     metrics = ServeMetrics()
     engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_prompt_tokens=args.max_prompt_tokens, chunk_tokens=args.chunk_tokens, metrics=metrics,
-                    precision=precision)
+                    precision=precision, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     app = create_app(engine, name, metrics)
+    # uvicorn drains on SIGTERM (stops accepting, lets open streams finish within the grace
+    # period), then raises the signal again for the previous handler: this one makes that a
+    # clean exit 0 rather than death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
     finally:

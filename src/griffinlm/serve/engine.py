@@ -7,7 +7,11 @@ One thread owns the model and a pool of `max_batch` slots (`model.init_cache`). 
   3. runs one `model.step` over every decoding slot and samples each row with its own
      parameters and its own seeded generator (a request's samples do not depend on what else
      is in the batch),
-and streams every new piece of text to the request's `sink`. A request leaves its slot the
+and streams every new piece of text to the request's `sink`. Prompt chunks end on multiples of
+`chunk_tokens`; with a prefix cache the slot's state after each full chunk is kept (an LRU
+bounded in bytes, keyed by a hash of the tokens so far), and a request whose prompt starts with
+a kept prefix restores the longest one and prefills only the rest. A Griffin/Hawk state has a
+constant size; a global-attention state grows with its prefix, and its size is what counts. A request leaves its slot the
 moment it finishes (EOS, a stop string, `max_tokens`) or is cancelled (a client that went
 away); the next iteration can hand the slot to a queued request. Nothing waits for a batch to
 drain.
@@ -15,12 +19,14 @@ drain.
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..generate import check_sampling, sample_next
@@ -90,6 +96,37 @@ class Event:
 _ids = itertools.count()
 
 
+class PrefixCache:
+    """LRU of slot snapshots (`ModelCache.snapshot`) keyed by the hash of a prompt prefix, within
+    `max_bytes`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.used = max_bytes, 0
+        self.entries: collections.OrderedDict[bytes, tuple[dict, int]] = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(tokens: list[int]) -> bytes:
+        return hashlib.sha256(np.asarray(tokens, np.int64).tobytes()).digest()
+
+    def get(self, key: bytes) -> dict | None:
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+            return entry[0]
+        return None
+
+    def put(self, key: bytes, snapshot: dict) -> None:
+        size = sum(t.numel() * t.element_size() for t in snapshot.values())
+        if key in self.entries or size > self.max_bytes:
+            return
+        while self.used + size > self.max_bytes:
+            _, (_, old) = self.entries.popitem(last=False)
+            self.used -= old
+        self.entries[key] = (snapshot, size)
+        self.used += size
+
+
 class Request:
     """One generation: prompt ids, sampling settings, and where its events go (`sink`, called
     from the engine thread)."""
@@ -118,7 +155,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 64, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, chunk_tokens: int = 512, max_length: int | None = None,
-                 metrics=None, precision=None) -> None:
+                 metrics=None, precision=None, prefix_cache_bytes: int = 0) -> None:
         if max_batch < 1 or max_queue < 0 or chunk_tokens < 1:
             raise ValueError("max_batch and chunk_tokens must be >= 1, max_queue >= 0")
         self.model, self.tok, self.metrics = model.eval(), tokenizer, metrics
@@ -134,6 +171,7 @@ class Engine:
         self.queue: collections.deque[Request] = collections.deque()
         self.prefilling: list[Request] = []
         self.decoding: list[Request] = []
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="griffinlm-engine", daemon=True)
@@ -204,6 +242,7 @@ class Engine:
                     continue
                 req.slot = self.free.pop()
                 self.cache.reset([req.slot])
+                self._restore_prefix(req)
                 self.prefilling.append(req)
         self._gauges()
         budget = self.chunk_tokens
@@ -213,7 +252,9 @@ class Engine:
             if req.cancelled:
                 self._leave(req, None)
                 continue
-            n = min(budget, len(req.prompt) - req.prefilled)
+            # chunks end on multiples of chunk_tokens (where prefix snapshots are taken)
+            boundary = (req.prefilled // self.chunk_tokens + 1) * self.chunk_tokens
+            n = min(budget, boundary - req.prefilled, len(req.prompt) - req.prefilled)
             chunk = torch.tensor(req.prompt[req.prefilled:req.prefilled + n])
             try:
                 logits = self.model.prefill(chunk, self.cache, req.slot, last_only=True)
@@ -222,6 +263,8 @@ class Engine:
                 continue
             req.prefilled += n
             budget -= n
+            if self.prefixes is not None and req.prefilled % self.chunk_tokens == 0 and req.prefilled < len(req.prompt):
+                self.prefixes.put(PrefixCache.key(req.prompt[:req.prefilled]), self.cache.snapshot(req.slot))
             if req.prefilled == len(req.prompt):
                 self.prefilling.remove(req)
                 self.decoding.append(req)
@@ -244,6 +287,24 @@ class Engine:
             return
         for r, row in zip(rows, logits):
             self._emit(r, row)
+
+    def _restore_prefix(self, req: Request) -> None:
+        """Puts the longest kept prefix of the prompt (a multiple of chunk_tokens, shorter than the
+        prompt: its last token's logits are still needed) into the request's slot."""
+        if self.prefixes is None:
+            return
+        for k in range((len(req.prompt) - 1) // self.chunk_tokens, 0, -1):
+            snap = self.prefixes.get(PrefixCache.key(req.prompt[:k * self.chunk_tokens]))
+            if snap is not None:
+                self.cache.restore(req.slot, snap)
+                req.prefilled = k * self.chunk_tokens
+                self.prefixes.hits += 1
+                if self.metrics is not None:
+                    self.metrics.prefix(hit=True)
+                return
+        self.prefixes.misses += 1
+        if self.metrics is not None:
+            self.metrics.prefix(hit=False)
 
     def _emit(self, req: Request, logits: torch.Tensor) -> None:
         """Samples the request's next token from logits (V,) and sends its text; ends the request
