@@ -33,11 +33,11 @@ CHAT_TEMPLATE = """Each message becomes "System: {content}\\n", "User: {content}
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
-class CompletionBody(BaseModel):
+class SamplingFields(BaseModel):
+    """The generation fields both endpoints share (OpenAI names; `top_k` an extension)."""
+
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    prompt: str | list[int] | list[str]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
@@ -45,6 +45,11 @@ class CompletionBody(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
+
+
+class CompletionBody(SamplingFields):
+    prompt: str | list[int] | list[str]
+    max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     ignore_eos: bool = False  # an extension (as vLLM's): generate past EOS up to max_tokens
 
@@ -54,19 +59,10 @@ class Message(BaseModel):
     content: str
 
 
-class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
+class ChatBody(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
 
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",

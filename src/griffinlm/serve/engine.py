@@ -285,8 +285,11 @@ class Engine:
             for r in rows:
                 self._fail(r, e)
             return
-        for r, row in zip(rows, logits):
-            self._emit(r, row)
+        # greedy rows without logprobs: one argmax for all of them (sampled rows draw one by one,
+        # each from its own generator)
+        greedy = logits.argmax(-1).tolist()
+        for i, (r, row) in enumerate(zip(rows, logits)):
+            self._emit(r, row, greedy[i] if r.sampling.temperature == 0 else None)
 
     def _restore_prefix(self, req: Request) -> None:
         """Puts the longest kept prefix of the prompt (a multiple of chunk_tokens, shorter than the
@@ -306,11 +309,12 @@ class Engine:
         if self.metrics is not None:
             self.metrics.prefix(hit=False)
 
-    def _emit(self, req: Request, logits: torch.Tensor) -> None:
-        """Samples the request's next token from logits (V,) and sends its text; ends the request
-        on EOS, a stop string or max_tokens."""
+    def _emit(self, req: Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Samples the request's next token from logits (V,) (unless the caller gives the greedy
+        `token`) and sends its text; ends the request on EOS, a stop string or max_tokens."""
         s = req.sampling
-        token = int(sample_next(logits[None], s.temperature, req.generator, s.top_k, s.top_p)[0])
+        if token is None:
+            token = int(sample_next(logits[None], s.temperature, req.generator, s.top_k, s.top_p)[0])
         event = Event("token", token=token)
         if s.logprobs is not None:
             lp = torch.log_softmax(logits.float(), -1)
