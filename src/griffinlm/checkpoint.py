@@ -260,8 +260,24 @@ def load_weights_file(fp: str, model: torch.nn.Module) -> None:
     unreadable or its tensors do not fit the model."""
     try:
         weights = _safetensors().load_file(fp, device=str(next(model.parameters()).device))
+        from safetensors import safe_open
+
+        with safe_open(fp, framework="pt") as f:
+            quantized = (f.metadata() or {}).get("griffinlm_quantization")
     except Exception as e:
         raise CheckpointError(f"corrupt checkpoint file {fp}: {e}") from None
+    if quantized:  # a quantized model's file: its structure first (`griffinlm.quantize`)
+        from .quantize import quantization_of, quantize_
+
+        if quantization_of(model) != quantized:
+            try:
+                quantize_(model, quantized, empty=True)
+            except ValueError as e:
+                raise CheckpointError(f"{fp} holds {quantized} weights but the model cannot take them: {e}") from None
+        scales = [k[: -len(".data")] for k, v in weights.items() if k.endswith(".data") and v.dtype == torch.int8]
+        missing_scales = [k + ".scale" for k in scales if k + ".scale" not in weights]
+        if missing_scales:
+            raise CheckpointError(f"{fp} holds int8 weights without their scales: {missing_scales[:3]}")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{fp} does not fit the model: missing {missing}, unexpected {unexpected}")

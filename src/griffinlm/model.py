@@ -19,6 +19,7 @@ from .generate import GenerationMixin
 from .layers import Positions, ResidualBlock, RMSNorm
 from .layers.state import TreeWatch
 from .ops.decode_step import KernelViews, StepRows, logits_reference, logits_step
+from .ops.quantized import QuantizedWeight
 
 
 def embed_multiplier(cfg: ModelConfig) -> float:
@@ -70,8 +71,10 @@ class LanguageModel(nn.Module, GenerationMixin):
         nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(self.config.width))
 
     def param_count(self, include_embedding: bool = False) -> int:
-        """Number of parameters; by default without the (tied) embedding, as papers report."""
-        n = sum(p.numel() for p in self.parameters())
+        """Number of parameters (quantized weights included); by default without the (tied)
+        embedding, as papers report."""
+        n = sum(p.numel() for p in self.parameters()) + sum(
+            q.numel() for q in self.modules() if isinstance(q, QuantizedWeight))
         return n if include_embedding else n - self.embed.weight.numel()
 
     # --- cache ---------------------------------------------------------------------------

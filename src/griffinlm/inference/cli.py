@@ -20,6 +20,8 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="GEMM precision (auto: bf16 on GPU, fp32 on CPU; bf16 on CPU needs native bf16)")
+    p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
+                   help="weight-only quantization of the projections and embedding (RG-LRU, norms, state stay fp32)")
     p.add_argument("--no-bos", action="store_true", help="do not start the prompt with BOS")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     p.add_argument("--stop", action="append", default=None, metavar="STR",
@@ -45,6 +47,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     check_stop(args.stop)
     precision = autocast(torch.device(args.device), args.dtype)  # refuses bf16 where the CPU lacks it
     model, tok = load_for_inference(args.checkpoint, args.device, args.tokenizer)
+    if args.quantize:
+        from ..quantize import quantize_
+
+        quantize_(model, args.quantize)
     if args.compile:
         model.compile_decode_step()
     # the arguments (stop strings included) are checked here, before anything is printed

@@ -36,6 +36,7 @@ from . import scan_numba
 from .block_diagonal import block_diagonal_linear
 from .causal_conv1d import causal_conv1d_step
 from .linear import linear, linear_many
+from .quantized import QuantizedWeight
 from .local_attention import grouped_attention
 from .rglru import log_a_from_lambda, rglru_step
 from .rms_norm import rms_norm
@@ -103,8 +104,30 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray:
 
 
 def _kernel_tensor(t: torch.Tensor) -> bool:
-    """The ops' shared rule (`scan_numba.cpu_fusable`) plus contiguity: the kernels index raw memory."""
+    """The ops' shared rule (`scan_numba.cpu_fusable`) plus contiguity: the kernels index raw memory.
+    A quantized weight (`ops.quantized`) goes as its stored data and scales."""
+    if isinstance(t, QuantizedWeight):
+        return t.data.device.type == "cpu" and t.data.is_contiguous()
     return scan_numba.cpu_fusable(t) and t.is_contiguous()
+
+
+def _kernel_view(t) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """What a kernel gets for one of an op's tensors: an empty array for None, (data, scale) for a
+    quantized weight, else a view of the float32 tensor."""
+    if t is None:
+        return _EMPTY
+    if isinstance(t, QuantizedWeight):
+        return t.kernel_arrays()
+    return _numpy_view(t.detach())
+
+
+def _ws(view) -> tuple[np.ndarray, np.ndarray]:
+    """A projection weight's kernel arguments (weight, row scales): float32 weights have none."""
+    return view if isinstance(view, tuple) else (view, _EMPTY)
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else (t.data if isinstance(t, QuantizedWeight) else t).data_ptr()
 
 
 class KernelViews:
@@ -162,12 +185,12 @@ class KernelViews:
         if unchanged and self.tensors:
             return self.views
         if len(tensors) == len(self.tensors) and all(map(operator.is_, tensors, self.tensors)) and \
-                [0 if t is None else t.data_ptr() for t in tensors] == self.ptrs:
+                [_ptr(t) for t in tensors] == self.ptrs:
             return self.views
-        ptrs = [0 if t is None else t.data_ptr() for t in tensors]
+        ptrs = [_ptr(t) for t in tensors]
         ok = all(t is None or _kernel_tensor(t) for t in tensors)
         self.tensors, self.ptrs, self.bound = tensors, ptrs, None
-        self.views = tuple(_EMPTY if t is None else _numpy_view(t.detach()) for t in tensors) if ok else None
+        self.views = tuple(_kernel_view(t) for t in tensors) if ok else None
         return self.views
 
 
@@ -289,8 +312,8 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
         return recurrent_step_reference(x, norm, linear_y, linear_x, conv, lru, linear_out, gelu_approximate,
                                         conv_state, h, rows)
     kernel = _kernels().recurrent_step
-    fixed = (w[0], norm[2], np.float32(norm[1]), *w[1:7], st[0], *w[7:12], float(c), bool(unscaled_reset), st[1],
-             w[12], w[13])
+    fixed = (w[0], norm[2], np.float32(norm[1]), *_ws(w[1]), w[2], *_ws(w[3]), w[4], w[5], w[6], st[0], *w[7:12],
+             float(c), bool(unscaled_reset), st[1], *_ws(w[12]), w[13])
     views.bound, views.name = (lambda xa, r: kernel(xa, *fixed, *r.arrays, gelu, r.threads)), "recurrent_step"
     views.bound(x.numpy(), rows)
     FUSED_CALLS["recurrent_step"] += 1
@@ -360,8 +383,8 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
         return attention_step_reference(x, norm, q_proj, k_proj, v_proj, o_proj, num_heads, rope, k_cache,
                                         v_cache, ring, rows)
     kernel = _kernels().attention_step
-    fixed = (w[0], norm[2], np.float32(norm[1]), *w[1:9], num_heads, w[9], rotary_dim, bool(interleaved), st[0], st[1],
-             ring)
+    fixed = (w[0], norm[2], np.float32(norm[1]), *_ws(w[1]), w[2], *_ws(w[3]), w[4], *_ws(w[5]), w[6], *_ws(w[7]),
+             w[8], num_heads, w[9], rotary_dim, bool(interleaved), st[0], st[1], ring)
     views.bound, views.name = (lambda xa, r: kernel(xa, *fixed, *r.arrays, scale, r.threads)), "attention_step"
     views.bound(x.numpy(), rows)
     FUSED_CALLS["attention_step"] += 1
@@ -400,10 +423,11 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
     if not w:
         return mlp_step_reference(x, norm, gate, up, down, activation, beta)
     kernel = _kernels().mlp_step
-    w_gate = np.empty((0, x.shape[1]), np.float32) if gate is None else w[1]
+    w_gate = (np.empty((0, x.shape[1]), np.float32), _EMPTY) if gate is None else _ws(w[1])
     # beta read now: a learnable Swish beta that changes in place is a parameter update the
     # model's TreeWatch does not see, so the bound call is only kept for a fixed beta
-    fixed = (w[0], norm[2], np.float32(norm[1]), w_gate, *w[2:7], ACTIVATIONS[activation], np.float32(float(beta)))
+    fixed = (w[0], norm[2], np.float32(norm[1]), *w_gate, w[2], *_ws(w[3]), w[4], *_ws(w[5]), w[6],
+             ACTIVATIONS[activation], np.float32(float(beta)))
     views.bound = None if isinstance(beta, torch.Tensor) and beta.requires_grad else (
         lambda xa, r: kernel(xa, *fixed, r.threads))
     views.name = "mlp_step"
@@ -436,7 +460,7 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
         return logits_reference(x, norm, embedding, soft_cap)
     out = torch.empty(x.shape[0], embedding.shape[0])
     kernel = _kernels().logits_step
-    fixed = (w[0], norm[2], np.float32(norm[1]), w[1], np.float32(soft_cap or 0.0))
+    fixed = (w[0], norm[2], np.float32(norm[1]), *_ws(w[1]), np.float32(soft_cap or 0.0))
     V = embedding.shape[0]
 
     def bound(xa: np.ndarray, r: StepRows) -> torch.Tensor:

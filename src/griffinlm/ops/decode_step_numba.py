@@ -9,7 +9,9 @@ work (RMSNorm, activations, the conv and RG-LRU updates, RoPE, attention over th
 keys) in the same call. Row b of a step reads and writes row `slots[b]` of the state pool and
 sits at its own position `pos[b]`, so sequences of a pool advance independently.
 
-All arrays are float32 and C-contiguous; a missing bias is an empty (0,) array; `parts` is
+All arrays are float32 and C-contiguous, except that a projection weight may also be stored
+quantized (`ops.quantized`): int8 with per-row scales, or bf16 bits as uint16; every weight comes
+with its scale array, empty (0,) for float32 and bf16. A missing bias is an empty (0,) array; `parts` is
 the number of row chunks, one per thread (`numba.get_num_threads()`, passed in because
 reading it inside a kernel would stop numba from caching the compiled code). Their torch
 references and the dispatch between the two are in `ops/decode_step.py`.
@@ -22,7 +24,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .rglru_numba import exp32, gates
 from .rms_norm_numba import norm_row
@@ -49,12 +52,26 @@ def _act(v, code, beta):
     return v
 
 
+def _wv(w, n, k):
+    """w[n, k] as float32, whatever the weight's storage (typed per dtype by the overload)."""
+    raise NotImplementedError("only callable from numba kernels")
+
+
+@overload(_wv, inline="always")
+def _wv_typed(w, n, k):
+    if w.dtype == types.uint16:  # bf16 bits: the high half of a float32
+        return lambda w, n, k: np.int32(np.int32(w[n, k]) << 16).view(np.float32)
+    if w.dtype == types.int8:
+        return lambda w, n, k: f32(w[n, k])
+    return lambda w, n, k: w[n, k]
+
+
 @njit(fastmath=FM, inline="always")
 def _dot(w, n, x, b):
-    """w[n, :] . x[b, :]"""
+    """w[n, :] . x[b, :] (w float32, bf16 bits or int8 before its row scale)"""
     acc = f32(0.0)
     for k in range(w.shape[1]):
-        acc += w[n, k] * x[b, k]
+        acc += _wv(w, n, k) * x[b, k]
     return acc
 
 
@@ -66,9 +83,11 @@ def _chunk(size, parts, c):
 
 
 @njit(fastmath=FM, inline="always")
-def _affine(w, bias, n, x, b):
-    """w[n, :] . x[b, :] + bias[n] (no bias when it is empty)."""
+def _affine(w, s, bias, n, x, b):
+    """(w[n, :] . x[b, :]) * s[n] + bias[n] (no scale, no bias when they are empty)."""
     v = _dot(w, n, x, b)
+    if s.shape[0] > 0:
+        v *= s[n]
     if bias.shape[0] > 0:
         v += bias[n]
     return v
@@ -85,11 +104,11 @@ def rms_norm(x, weight, unit_offset, eps):
 
 
 @njit(fastmath=FM, inline="always")
-def _linear_rows(x, w, bias, out, accumulate, lo, hi):
-    """Rows lo..hi of out (B, N) = x (B, K) @ w (N, K)^T + bias (or out += that)."""
+def _linear_rows(x, w, s, bias, out, accumulate, lo, hi):
+    """Columns lo..hi of out (B, N) = x (B, K) @ (w (N, K) * s)^T + bias (or out += that)."""
     for n in range(lo, hi):
         for b in range(x.shape[0]):
-            v = _affine(w, bias, n, x, b)
+            v = _affine(w, s, bias, n, x, b)
             if accumulate:
                 out[b, n] += v
             else:
@@ -97,7 +116,17 @@ def _linear_rows(x, w, bias, out, accumulate, lo, hi):
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def mlp_step(x, norm_w, unit_offset, eps, w_gate, b_gate, w_up, b_up, w_down, b_down, act, beta, parts):
+def linear_rows(x, w, s, bias, out, parts):
+    """out (B, N) = x (B, K) @ (w * s)^T + bias for a few rows, streaming the (possibly quantized)
+    weight once, its rows split across `parts` threads."""
+    for c in prange(parts):
+        lo, hi = _chunk(w.shape[0], parts, c)
+        _linear_rows(x, w, s, bias, out, False, lo, hi)
+
+
+@njit(parallel=True, fastmath=FM, cache=True)
+def mlp_step(x, norm_w, unit_offset, eps, w_gate, s_gate, b_gate, w_up, s_up, b_up, w_down, s_down, b_down, act,
+             beta, parts):
     """x (B, D) += down(act(gate(n)) * up(n)) with n = RMSNorm(x); an empty (0, D) w_gate means
     the ungated down(act(up(n)))."""
     B = x.shape[0]
@@ -109,14 +138,14 @@ def mlp_step(x, norm_w, unit_offset, eps, w_gate, b_gate, w_up, b_up, w_down, b_
         lo, hi = _chunk(M, parts, c)
         for m in range(lo, hi):
             for b in range(B):
-                u = _affine(w_up, b_up, m, n, b)
+                u = _affine(w_up, s_up, b_up, m, n, b)
                 if gated:
-                    hid[b, m] = _act(_affine(w_gate, b_gate, m, n, b), act, beta) * u
+                    hid[b, m] = _act(_affine(w_gate, s_gate, b_gate, m, n, b), act, beta) * u
                 else:
                     hid[b, m] = _act(u, act, beta)
     for c in prange(parts):
         lo, hi = _chunk(w_down.shape[0], parts, c)
-        _linear_rows(hid, w_down, b_down, x, True, lo, hi)
+        _linear_rows(hid, w_down, s_down, b_down, x, True, lo, hi)
 
 
 @njit(fastmath=FM, inline="always")
@@ -184,8 +213,8 @@ def _rglru_job(job, split, xc, y, gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv_b, conv_state,
-                   gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset, h, w_out, b_out,
+def recurrent_step(x, norm_w, unit_offset, eps, w_y, s_y, b_y, w_x, s_x, b_x, conv_w, conv_b, conv_state,
+                   gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset, h, w_out, s_out, b_out,
                    slots, pos, doc_start, gelu_code, parts):
     """x (B, D) += the recurrent block on RMSNorm(x), updating rows slots[b] of the pool's
     conv_state (N, W-1, R) and RG-LRU state h (N, R) in place. Gate weights are block-diagonal
@@ -200,8 +229,8 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv
         lo, hi = _chunk(R, parts, ch)
         for r in range(lo, hi):
             for b in range(B):
-                y[b, r] = _affine(w_y, b_y, r, n, b)
-                u[b, r] = _affine(w_x, b_x, r, n, b)
+                y[b, r] = _affine(w_y, s_y, b_y, r, n, b)
+                u[b, r] = _affine(w_x, s_x, b_x, r, n, b)
     xc = np.empty((B, R), f32)
     for b in range(B):
         _conv_row(u, b, conv_w, conv_b, conv_state, slots[b], pos[b], doc_start[b], xc)
@@ -216,7 +245,7 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, b_y, w_x, b_x, conv_w, conv
                        doc_start, gelu_code, z)
     for c in prange(parts):
         lo, hi = _chunk(w_out.shape[0], parts, c)
-        _linear_rows(z, w_out, b_out, x, True, lo, hi)
+        _linear_rows(z, w_out, s_out, b_out, x, True, lo, hi)
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
@@ -273,7 +302,7 @@ def _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, po
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o,
+def attention_step(x, norm_w, unit_offset, eps, w_q, s_q, b_q, w_k, s_k, b_k, w_v, s_v, b_v, w_o, s_o, b_o,
                    num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
                    slots, pos, doc_start, scale, parts):
     """x (B, D) += multi-query attention of RMSNorm(x) over rows slots[b] of the pool's cache
@@ -287,13 +316,13 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_
     v = np.empty((B, Hkv * hd), f32)
     for c in prange(parts):
         lo, hi = _chunk(w_q.shape[0], parts, c)
-        _linear_rows(n, w_q, b_q, q, False, lo, hi)
+        _linear_rows(n, w_q, s_q, b_q, q, False, lo, hi)
     for c in prange(parts):
         lo, hi = _chunk(w_k.shape[0], parts, c)
-        _linear_rows(n, w_k, b_k, k, False, lo, hi)
+        _linear_rows(n, w_k, s_k, b_k, k, False, lo, hi)
     for c in prange(parts):
         lo, hi = _chunk(w_v.shape[0], parts, c)
-        _linear_rows(n, w_v, b_v, v, False, lo, hi)
+        _linear_rows(n, w_v, s_v, b_v, v, False, lo, hi)
     for b in range(B):
         _rope_and_write_row(b, q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
                             slots[b], pos[b], doc_start[b])
@@ -302,7 +331,7 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, b_q, w_k, b_k, w_v, b_v, w_
         _attend_job(job, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out)
     for c in prange(parts):
         lo, hi = _chunk(w_o.shape[0], parts, c)
-        _linear_rows(out, w_o, b_o, x, True, lo, hi)
+        _linear_rows(out, w_o, s_o, b_o, x, True, lo, hi)
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
@@ -416,12 +445,12 @@ def gated_hidden(gate, up, act, beta, parts):
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def logits_step(x, norm_w, unit_offset, eps, embedding, soft_cap, out, parts):
+def logits_step(x, norm_w, unit_offset, eps, embedding, s_emb, soft_cap, out, parts):
     """out (B, V) = RMSNorm(x) @ embedding^T, then soft_cap * tanh(. / soft_cap) if soft_cap > 0."""
     n = rms_norm(x, norm_w, unit_offset, eps)
     for c in prange(parts):
         lo, hi = _chunk(embedding.shape[0], parts, c)
-        _linear_rows(n, embedding, np.empty(0, f32), out, False, lo, hi)
+        _linear_rows(n, embedding, s_emb, np.empty(0, f32), out, False, lo, hi)
     if soft_cap > 0:
         B, V = out.shape
         for b in range(B):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import gemm_backend as gb
 from .gemm_backend import GEMM_CALLS
+from .quantized import QuantizedWeight, quantized_linear
 
 linear_reference = F.linear
 
@@ -144,8 +145,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         bias: (N,) or None.
 
     Returns:
-        (..., N): in x's dtype, or fp32 for an fp32 weight under CPU bf16 autocast.
+        (..., N): in x's dtype, or fp32 for an fp32 weight under CPU bf16 autocast (and for a
+        quantized weight, `ops.quantized.QuantizedWeight`).
     """
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
     mode = _mode(x, weight, bias)
     if mode is None:
         return F.linear(x, weight, bias)
@@ -168,7 +172,7 @@ def linear_many(x: torch.Tensor, layers: tuple[tuple[torch.Tensor, torch.Tensor 
     Used by the decoding step, whose projections of one normed input (q/k/v, gate/up, the
     recurrent block's two branches) are each too narrow at a few rows to reach the GEMM rate."""
     weights = tuple(w for w, _ in layers)
-    if (torch.is_grad_enabled() or x.dim() != 2 or len(layers) < 2 or _mode(x, weights[0], layers[0][1]) != "fp32"
+    if (any(isinstance(w, QuantizedWeight) for w in weights) or torch.is_grad_enabled() or x.dim() != 2 or len(layers) < 2 or _mode(x, weights[0], layers[0][1]) != "fp32"
             or any(_mode(x, w, b) != "fp32" for w, b in layers[1:])):
         return [linear(x, w, b) for w, b in layers]
     M, K = x.shape

@@ -29,6 +29,8 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="GEMM precision (auto: bf16 on GPU, fp32 on CPU; bf16 on CPU needs native bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
+                   help="weight-only quantization of the projections and embedding (RG-LRU, norms, state stay fp32)")
     p.set_defaults(func=_run_serve)
 
 
@@ -51,6 +53,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     precision = autocast(torch.device(args.device), args.dtype)  # refuses bf16 where the CPU lacks it
     model, tok = load_for_inference(args.checkpoint, args.device)
+    if args.quantize:
+        from ..quantize import quantize_
+
+        quantize_(model, args.quantize)
     metrics = ServeMetrics()
     engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_prompt_tokens=args.max_prompt_tokens, chunk_tokens=args.chunk_tokens, metrics=metrics,

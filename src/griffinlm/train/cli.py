@@ -165,6 +165,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="GEMM precision (auto: bf16 on GPU, fp32 on CPU; bf16 on CPU needs native bf16)")
+    p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
+                   help="weight-only quantization of the projections and embedding (RG-LRU, norms, state stay fp32)")
     p.set_defaults(func=run_eval)
     return p
 
@@ -180,6 +182,10 @@ def run_eval(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         compute_dtype(device, args.dtype)
         model, ckpt = load_model(args.checkpoint, device)
+        if args.quantize:
+            from ..quantize import quantize_
+
+            quantize_(model, args.quantize)
         trained = ckpt.trainer.get("train_config", {})
         seq_len = args.seq_len or trained.get("seq_len", 256)
         text_field = args.text_field or trained.get("text_field", "text")
@@ -199,7 +205,8 @@ def run_eval(args: argparse.Namespace) -> int:
         return _fail(str(e))
     print(json.dumps({"bits_per_byte": result["bits_per_byte"], "loss": result["loss"],
                       "target_tokens": result["target_tokens"], "bytes": result["bytes"], "split": args.split,
-                      "data": args.data, "seq_len": seq_len, "checkpoint": ckpt.path, "step": ckpt.step}, indent=1))
+                      "data": args.data, "seq_len": seq_len, "checkpoint": ckpt.path, "step": ckpt.step,
+                      "quantize": args.quantize}, indent=1))
     return 0
 
 

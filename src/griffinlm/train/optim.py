@@ -30,6 +30,9 @@ def decay_groups(model: nn.Module) -> tuple[list[str], list[str]]:
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                    eps: float) -> torch.optim.AdamW:
     """AdamW over two parameter groups (group 0 decayed, group 1 not), in named_parameters order."""
+    if getattr(model, "quantization", None):
+        raise ValueError(f"the model's weights are quantized ({model.quantization}): quantized weights are for "
+                         "inference; train the float model (or fine-tune from its float checkpoint)")
     decay, no_decay = decay_groups(model)
     params = dict(model.named_parameters())
     groups = [
