@@ -5,6 +5,7 @@ for each batch, a pool of that many slots at --length tokens, `model.step` timed
 per model, interleaved (median). Quality is measured separately with `griffinlm eval --quantize`.
 
     python benchmarks/quantize.py [--batches 1 4 16 64] [--repeats 30] [--width 512 --depth 6]
+    python benchmarks/quantize.py --preset griffin-100m     # weights no longer fit in the caches
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--preset", default=None, help="a model preset (e.g. griffin-100m) instead of --width/--depth")
     args = p.parse_args(argv)
     import torch
 
@@ -32,12 +34,14 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=256, width=args.width, depth=args.depth, num_heads=args.width // 128,
-                      lru_width=args.width, local_window=512)
+    cfg = ModelConfig.preset(args.preset, vocab_size=256) if args.preset else ModelConfig(
+        vocab_size=256, width=args.width, depth=args.depth, num_heads=args.width // 128, lru_width=args.width,
+        local_window=512)
     base = LanguageModel(cfg).eval()
     models = {"fp32": base, "int8": quantize_(copy.deepcopy(base), "int8"),
               "bf16": quantize_(copy.deepcopy(base), "bf16")}
-    print(f"griffin width {args.width}, depth {args.depth}, {base.param_count(include_embedding=True) / 1e6:.1f}M "
+    print(f"{args.preset or 'griffin'} width {cfg.width}, depth {cfg.depth}, "
+          f"{base.param_count(include_embedding=True) / 1e6:.1f}M "
           f"params; CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, "
           f"{args.threads} threads; median of {args.repeats} interleaved steps, pool at {args.length} tokens\n")
     print("| batch | fp32 ms | int8 ms | bf16 ms | int8 speed-up | bf16 speed-up |\n|---:|---:|---:|---:|---:|---:|")
