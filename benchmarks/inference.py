@@ -148,7 +148,7 @@ def bench_hf(args, now) -> dict | None:
         return None
     hf, ours = build(seed=0)
     compiled = copy.deepcopy(ours) if args.hf_compile else None
-    # "ours_eager": the same model with every step as torch ops (MAX_BATCH patched to 0 while it runs)
+    # "ours_eager": the same model with every step as torch ops (decode_step.references_only() while it runs)
     contenders = {"hf": None, "ours": ours, "ours_eager": ours}
     if compiled is not None:
         compiled.compile_decode_step()
