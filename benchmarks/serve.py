@@ -12,6 +12,11 @@ same weights and prompts in static batches of c (the peer).
 
     python benchmarks/serve.py                          # writes docs/results/serve.json
     python benchmarks/serve.py --quick --no-write       # a smoke test
+    python benchmarks/serve.py --long                   # the paper's shape; writes docs/results/serve_long.json
+
+--long: 4,096-token prompts at 16 clients (Griffin, Hawk, the MQA Transformer; the server's peak
+RSS against a 256-token run), and the prefix cache: time to first token of requests sharing a
+2,048-token prefix, the first (a miss) against the next ones (hits).
 """
 from __future__ import annotations
 
@@ -94,10 +99,10 @@ async def client_load(url: str, clients: int, per_client: int, prompt_tokens: in
                 itl_p50_ms=1e3 * pct(itl, 0.5), itl_p99_ms=1e3 * pct(itl, 0.99))
 
 
-def serve(model_dir: str, max_batch: int, threads: int):
+def serve(model_dir: str, max_batch: int, threads: int, *extra: str):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "griffinlm", "serve", "--checkpoint", model_dir, "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", "1024", "--threads", str(threads)],
+                             "--max-batch", str(max_batch), "--max-queue", "1024", "--threads", str(threads), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import httpx
 
@@ -115,6 +120,78 @@ def serve(model_dir: str, max_batch: int, threads: int):
             proc.kill()
             raise RuntimeError("griffinlm serve did not start")
         time.sleep(0.3)
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def save_model(arch: str, directory: str):
+    import torch
+    from safetensors.torch import save_file
+
+    from griffinlm import LanguageModel
+
+    torch.manual_seed(0)
+    model = LanguageModel(config(arch)).eval()
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(model.config.to_dict(), f)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(directory, "model.safetensors"))
+    return model
+
+
+async def ttft_of(url: str, prompt: list[int]) -> float:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        t0 = time.perf_counter()
+        async with http.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0,
+                                                                 "stream": True, "ignore_eos": True}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    return time.perf_counter() - t0
+    return float("nan")
+
+
+def long_run(args) -> dict:
+    """The paper's shape (long prompts at 16 clients) and the prefix cache's time to first token."""
+    res = {"archs": {}}
+    for arch in args.archs:
+        with tempfile.TemporaryDirectory() as d:
+            save_model(arch, d)
+            res["archs"][arch] = {}
+            for T in (256, 4096):
+                proc, url = serve(d, 16, args.threads)
+                try:
+                    asyncio.run(client_load(url, 1, 1, 64, 2))  # warm-up
+                    lv = asyncio.run(client_load(url, 16, 1, T, 32))
+                    lv["server_peak_rss_mb"] = peak_rss_mb(proc.pid)
+                finally:
+                    proc.terminate()
+                    proc.wait(60)
+                res["archs"][arch][str(T)] = lv
+                print(f"{arch:11s} 16 clients, {T}-token prompts, 32 new: {lv['tok_s']:.0f} tok/s, TTFT p50 "
+                      f"{lv['ttft_p50_ms']:.0f} ms, server peak RSS {lv['server_peak_rss_mb']:.0f} MB", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        save_model("griffin", d)
+        proc, url = serve(d, 16, args.threads, "--prefix-cache-mb", "256", "--chunk-tokens", "512")
+        try:
+            asyncio.run(ttft_of(url, [9] * 2064))  # warm-up (kernels, GEMM choices) on an unrelated prompt
+            prefix = [(t * 7919) % 250 + 3 for t in range(2048)]
+            miss = asyncio.run(ttft_of(url, prefix + [5] * 16))
+            hits = [asyncio.run(ttft_of(url, prefix + [6 + i] * 16)) for i in range(4)]
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    res["prefix"] = dict(prefix_tokens=2048, miss_ttft_ms=1e3 * miss, hit_ttft_ms=[1e3 * h for h in hits],
+                         speedup=miss / statistics.median(hits))
+    print(f"prefix cache, 2,048-token shared prefix: TTFT miss {1e3 * miss:.0f} ms, hits "
+          f"{', '.join(f'{1e3 * h:.0f}' for h in hits)} ms: {res['prefix']['speedup']:.1f}x", flush=True)
+    return res
 
 
 def offline_rate(model, batch: int, length: int, steps: int = 8) -> float:
@@ -163,14 +240,22 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 and 4 clients, 32-token prompts, 16 new tokens")
+    p.add_argument("--long", action="store_true", help="the paper's shape and the prefix cache (see above)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    if args.long:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        res = dict(date=time.strftime("%Y-%m-%d"), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   threads=args.threads, **long_run(args))
+        if not args.no_write:
+            with open(JSON_PATH.replace("serve.json", "serve_long.json"), "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     if args.quick:
         args.clients, args.prompt_tokens, args.new_tokens, args.requests_per_client = [1, 4], 32, 16, 1
     import torch
-    from safetensors.torch import save_file
-
-    from griffinlm import LanguageModel
 
     torch.set_num_threads(args.threads)
     top = max(args.clients)
@@ -178,12 +263,8 @@ def main(argv=None) -> int:
                cores=os.cpu_count(), threads=args.threads, torch=torch.__version__, prompt_tokens=args.prompt_tokens,
                new_tokens=args.new_tokens, requests_per_client=args.requests_per_client, archs={})
     for arch in args.archs:
-        torch.manual_seed(0)
-        model = LanguageModel(config(arch)).eval()
         with tempfile.TemporaryDirectory() as d:
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump(model.config.to_dict(), f)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(d, "model.safetensors"))
+            model = save_model(arch, d)
             proc, url = serve(d, top, args.threads)
             try:
                 asyncio.run(client_load(url, 1, 1, args.prompt_tokens, 4))  # warm-up: JIT, oneDNN choices
