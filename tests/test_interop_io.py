@@ -161,3 +161,28 @@ def test_sentencepiece_tokenizer_from_directory(tmp_path):
     assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2)
     ids = [int(i) for i in tok.encode("the dog sat on the mat")]
     assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == "the dog sat on the mat"
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_recurrentgemma_loads_straight_into_quantized_weights(tmp_path, hf_dir, mode):
+    """Quantized while reading (no fp32 copy of the projections is kept); close to the fp32 load,
+    and `convert --quantize` writes a checkpoint that loads back to the same logits."""
+    from griffinlm.checkpoint import load_model
+    from griffinlm.ops.quantized import QuantizedWeight
+
+    _, path = hf_dir
+    ref = load_recurrentgemma(path, dtype="float32")
+    q = load_recurrentgemma(path, quantize=mode)
+    assert q.quantization == mode and isinstance(q.embed.weight, QuantizedWeight)
+    assert not any(p.device.type == "meta" for p in q.parameters())
+    assert all(p.dtype == torch.float32 for p in q.parameters())  # RG-LRU, norms, conv, biases
+    tokens = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        want, got = ref(tokens), q(tokens)
+    assert float((got - want).abs().max() / want.abs().max()) < (2e-2 if mode == "int8" else 1e-2)
+    out = str(tmp_path / "rg")
+    assert main(["convert", "--from-hf", path, "--out", out, "--quantize", mode]) == 0
+    loaded, _ = load_model(out)
+    assert loaded.quantization == mode
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), got)

@@ -145,7 +145,9 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: 
     os.makedirs(tmp)
     _write_json(os.path.join(tmp, "config.json"), model.config.to_dict())
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    st.save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    quantized = getattr(model, "quantization", None)  # `griffinlm.quantize`: loading rebuilds the structure
+    st.save_file(weights, os.path.join(tmp, "model.safetensors"),
+                 metadata={"format": "pt", **({"griffinlm_quantization": quantized} if quantized else {})})
     opt_tensors, groups = _optimizer_to_parts(optimizer)
     rng_tensors, rng_scalars = rng_state()
     st.save_file({**opt_tensors, **rng_tensors}, os.path.join(tmp, "state.safetensors"))

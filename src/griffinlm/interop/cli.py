@@ -18,6 +18,9 @@ def add_convert_parser(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="parameter dtype (default: as stored)")
+    p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
+                   help="--from-hf: store the projections and embedding as int8 (per-row scales) or bf16, "
+                        "quantized while reading (no full-precision copy in memory)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="--to-hf: largest safetensors shard (GB)")
     p.set_defaults(func=_run_convert)
 
@@ -26,7 +29,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     from .convert import convert_from_hf, convert_to_hf
 
     if args.from_hf:
-        path = convert_from_hf(args.from_hf, args.out, args.dtype)
+        path = convert_from_hf(args.from_hf, args.out, args.dtype, args.quantize)
         print(json.dumps({"checkpoint": path, "from": args.from_hf}))
     else:
         if args.max_shard_gb <= 0:

@@ -18,12 +18,13 @@ from .recurrentgemma import DTYPE_NAMES, _assign, empty_model, export_recurrentg
 from .tokenizer import copy_tokenizer_files, find_tokenizer_file, load_tokenizer
 
 
-def convert_from_hf(src: str, out: str, dtype: torch.dtype | str | None = None) -> str:
-    """RecurrentGemma directory `src` -> griffinlm checkpoint under run directory `out`.
+def convert_from_hf(src: str, out: str, dtype: torch.dtype | str | None = None, quantize: str | None = None) -> str:
+    """RecurrentGemma directory `src` -> griffinlm checkpoint under run directory `out`
+    (`quantize`: "int8" or "bf16" weights, quantized while reading, `griffinlm.quantize`).
 
     Returns the checkpoint directory (out/checkpoints/step_00000000).
     """
-    model = load_recurrentgemma(src, dtype=dtype)
+    model = load_recurrentgemma(src, dtype=dtype, quantize=quantize)
     os.makedirs(out, exist_ok=True)
     copy_tokenizer_files(src, out)
     state: dict = {"source_format": "recurrentgemma", "converted_from": os.path.abspath(src)}

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..model import LanguageModel
+from ..ops.quantized import QuantizedWeight
 from .hf_config import NotRecurrentGemmaError, hf_to_model_config, model_config_to_hf
 from .weights import (INDEX_FILE, SINGLE_FILE, TIED_HEAD, check_tensors, read_headers, shard_files,
                       tensor_rules)
@@ -74,12 +75,16 @@ def empty_model(config: ModelConfig) -> LanguageModel:
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner, _, leaf = name.rpartition(".")
     module = model.get_submodule(owner)
+    if isinstance(module._modules.get(leaf), QuantizedWeight):  # quantized as it is read
+        q = QuantizedWeight.quantize(tensor, module._modules[leaf].mode)
+        module._modules[leaf].data, module._modules[leaf].scale = q.data, q.scale
+        return
     old = module._parameters[leaf]
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
 
 
 def load_recurrentgemma(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str | None = None) -> LanguageModel:
+                        device: torch.device | str | None = None, quantize: str | None = None) -> LanguageModel:
     """A griffinlm `LanguageModel` holding a RecurrentGemma checkpoint, in eval mode.
 
     Args:
@@ -88,6 +93,9 @@ def load_recurrentgemma(path: str | os.PathLike, dtype: torch.dtype | str | None
         dtype: parameter dtype (torch dtype or "float32"/"bfloat16"/"float16"); default: the
             dtype the embedding is stored in.
         device: where the parameters go (default CPU); tensors are moved one at a time.
+        quantize: "int8" or "bf16" (`griffinlm.quantize`): each projection and the embedding is
+            quantized as it is read, so no full-precision copy of the model is ever held; the
+            other parameters are float32 (`dtype` is then ignored).
 
     Its logits on tokens (B, T) equal `RecurrentGemmaForCausalLM`'s (up to float rounding).
     Raises NotRecurrentGemmaError for a directory that is not a RecurrentGemma checkpoint, and
@@ -107,6 +115,11 @@ def load_recurrentgemma(path: str | os.PathLike, dtype: torch.dtype | str | None
     if dtype is None:
         dtype = _DTYPES.get(found["model.embed_tokens.weight"][2], torch.float32)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if quantize is not None:
+        from ..quantize import quantize_
+
+        quantize_(model, quantize, empty=True)  # the quantized structure, on meta until assigned
+        dtype = torch.float32
 
     from safetensors import safe_open
 
