@@ -271,3 +271,46 @@ def test_griffinlm_serve_command_drains_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_chat_uses_the_tokenizers_chat_template(tmp_path):
+    """A tokenizer_config.json chat template (as a converted RecurrentGemma keeps) renders chat
+    prompts; a template that refuses the conversation answers 400."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from griffinlm.data import load_tokenizer
+    from griffinlm.serve.chat import ChatFormat
+
+    words = ["<pad>", "<eos>", "<bos>", "<unk>", "user", "model", "hi", "there", ":", "|"]
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+                "{{ raise_exception('no system role') }}{% endif %}{{ m['role'] }} : {{ m['content'] }} | "
+                "{% endfor %}{% if add_generation_prompt %}model :{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<bos>"}))
+    tok = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    fmt = ChatFormat.for_tokenizer(tok)
+    msgs = [{"role": "user", "content": "hi there"}]
+    assert fmt.render(msgs) == "<bos>user : hi there | model :"
+    ids = fmt.encode(msgs)
+    assert ids == [tok.bos_id] + [words.index(w) for w in "user : hi there | model :".split()]
+    assert fmt.default_stop == [] and ChatFormat(TOK).default_stop == ["\nUser:"]
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig.preset("griffin-tiny", width=32, depth=2, num_heads=2, local_window=8,
+                                             vocab_size=tok.vocab_size)).eval()
+    metrics = ServeMetrics()
+    engine = Engine(model, tok, max_batch=2, max_queue=2, metrics=metrics)
+    server, thread, url = start(engine, metrics)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            r = http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 3, "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids)
+            bad = http.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
+            assert bad.status_code == 400 and "no system role" in bad.json()["error"]["message"]
+            assert bad.json()["error"]["param"] == "messages"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.stop()

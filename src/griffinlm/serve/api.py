@@ -8,8 +8,8 @@ failed (the engine goes on serving the others).
 
 Prompts: a string is encoded after the tokenizer's BOS (as every training document starts);
 a list of token ids is used as is; a list of strings is a batch of prompts. Chat messages are
-rendered with the plain template `CHAT_TEMPLATE` documents (our tokenizers carry no chat
-template).
+rendered with the tokenizer's chat template where its tokenizer_config.json has one, else with
+the plain template (`serve.chat`).
 """
 from __future__ import annotations
 
@@ -24,12 +24,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from .chat import ChatFormat
 from .engine import BadRequest, Engine, Event, QueueFull, Sampling
 from .metrics import ServeMetrics
 
-CHAT_TEMPLATE = """Each message becomes "System: {content}\\n", "User: {content}\\n" or "Assistant: {content}\\n"
-(by its role), and the prompt ends with "Assistant:"; generation stops at EOS, max_tokens, or a stop string
-(default for chat: "\\nUser:")."""
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
@@ -71,16 +69,12 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
                         headers=headers)
 
 
-def render_chat(messages: list[Message]) -> str:
-    """The plain chat template (see CHAT_TEMPLATE)."""
-    return "".join(f"{m.role.capitalize()}: {m.content}\n" for m in messages) + "Assistant:"
-
-
 def create_app(engine: Engine, model_name: str, metrics: ServeMetrics | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under the model id `model_name`."""
     app = FastAPI(title="griffinlm", docs_url=None, redoc_url=None)
     metrics = metrics or engine.metrics or ServeMetrics()
     tok = engine.tok
+    chat_format = ChatFormat.for_tokenizer(tok)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
@@ -234,10 +228,14 @@ def create_app(engine: Engine, model_name: str, metrics: ServeMetrics | None = N
     async def chat(body: ChatBody, request: Request):
         try:
             check_model(body.model)
-            stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ["\nUser:"])
+            stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or chat_format.default_stop)
             sampling = Sampling(body.max_completion_tokens or body.max_tokens or 256, body.temperature, body.top_p,
                                 body.top_k, body.seed, stop)
-            return await run(request, [encode(render_chat(body.messages))], sampling, body.n, body.stream, chat=True)
+            try:
+                prompt = chat_format.encode([m.model_dump() for m in body.messages])
+            except Exception as e:  # the template refused the conversation (raise_exception) or failed
+                raise BadRequest(f"the chat template cannot render these messages: {e}", "messages") from None
+            return await run(request, [prompt], sampling, body.n, body.stream, chat=True)
         except BadRequest as e:
             return error(400, str(e), e.param)
         except QueueFull as e:
@@ -250,4 +248,4 @@ def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-__all__ = ["create_app", "render_chat", "CHAT_TEMPLATE", "Event"]
+__all__ = ["create_app", "Event"]
