@@ -5,6 +5,6 @@ and by the training run's sample): prompt text in, continuation text out, with E
 strings. The decoding itself is `LanguageModel.generate_stream` (`griffinlm.generate`): each
 prompt prefills its own cache slot, then one token per step.
 """
-from .text import StopStrings, TextStreamer, check_stop, generate_text, load_for_inference, stream_text
+from .text import StopStrings, TextOutput, TextStreamer, check_stop, generate_text, load_for_inference, stream_text
 
-__all__ = ["StopStrings", "TextStreamer", "check_stop", "generate_text", "load_for_inference", "stream_text"]
+__all__ = ["StopStrings", "TextOutput", "TextStreamer", "check_stop", "generate_text", "load_for_inference", "stream_text"]

@@ -139,6 +139,37 @@ class StopStrings:
         return out
 
 
+class TextOutput:
+    """Generated ids -> text pieces, cut at the first stop string: a `TextStreamer` feeding a
+    `StopStrings` (when there are stop strings). `push(token)` returns the text now safe to emit
+    (possibly ""), `stopped` tells that a stop string was found, and `flush()` returns what is
+    held back at the end (nothing after a stop)."""
+
+    def __init__(self, tokenizer, context: Sequence[int] = (), stops: Sequence[str] = ()) -> None:
+        self.streamer = TextStreamer(tokenizer, context)
+        self.cutter = StopStrings(stops) if stops else None
+
+    @property
+    def stopped(self) -> bool:
+        return self.cutter is not None and self.cutter.stopped
+
+    def push(self, token: int) -> str:
+        piece = self.streamer.push(token)
+        if self.cutter is not None and piece:
+            piece, _ = self.cutter.push(piece)
+        return piece
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        tail = self.streamer.flush()
+        if self.cutter is not None:
+            tail, hit = self.cutter.push(tail) if tail else ("", False)
+            if not hit:
+                tail += self.cutter.flush()
+        return tail
+
+
 def check_stop(stop: str | Sequence[str] | None) -> list[str]:
     """The stop strings as a list (a single string is one stop string); ValueError for an
     empty stop string or a non-string."""
@@ -187,8 +218,7 @@ def _stream(model: LanguageModel, tokenizer, ids: list[int], max_new_tokens: int
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    streamer = TextStreamer(tokenizer, context=[i for i in ids if i != tokenizer.bos_id])
-    cutter = StopStrings(stops) if stops else None
+    out = TextOutput(tokenizer, [i for i in ids if i != tokenizer.bos_id], stops)
     eos = [tokenizer.eos_id] if stop_at_eos else None
     steps = model.generate_stream(torch.tensor([ids], device=device), max_new_tokens, temperature, generator,
                                   top_k=top_k, top_p=top_p, stop_tokens=eos, pad_id=tokenizer.pad_id)
@@ -197,22 +227,14 @@ def _stream(model: LanguageModel, tokenizer, ids: list[int], max_new_tokens: int
             token = int(step[0])
             if stop_at_eos and token == tokenizer.eos_id:
                 break
-            piece = streamer.push(token)
-            if cutter is not None and piece:
-                piece, hit = cutter.push(piece)
-                if piece:
-                    yield piece
-                if hit:
-                    return
-            elif piece:
+            piece = out.push(token)
+            if piece:
                 yield piece
+            if out.stopped:
+                return
     finally:
         steps.close()  # ends the decoding loop (and frees its cache) when stopped early
-    tail = streamer.flush()
-    if cutter is not None:
-        tail, hit = cutter.push(tail) if tail else ("", False)
-        if not hit:
-            tail += cutter.flush()
+    tail = out.flush()
     if tail:
         yield tail
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..generate import check_sampling, sample_next
-from ..inference.text import StopStrings, TextStreamer, check_stop
+from ..inference.text import TextOutput, check_stop
 
 
 class QueueFull(Exception):
@@ -137,8 +137,7 @@ class Request:
         self.generator = None
         if sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(sampling.seed)
-        self.streamer = TextStreamer(tokenizer, context=[i for i in prompt if i != tokenizer.bos_id])
-        self.cutter = StopStrings(sampling.stop) if sampling.stop else None
+        self.text = TextOutput(tokenizer, [i for i in prompt if i != tokenizer.bos_id], sampling.stop)
         self.slot: int | None = None
         self.prefilled = 0
         self.generated: list[int] = []
@@ -331,19 +330,13 @@ class Engine:
         if token == self.tok.eos_id and not s.ignore_eos:
             finish = "stop"
         else:
-            event.text = req.streamer.push(token)
-            if req.cutter is not None and event.text:
-                event.text, hit = req.cutter.push(event.text)
-                finish = "stop" if hit else None
+            event.text = req.text.push(token)
+            finish = "stop" if req.text.stopped else None
         if finish is None and len(req.generated) >= s.max_tokens:
             finish = "length"
-        if finish is not None and not (req.cutter is not None and req.cutter.stopped):
-            tail = req.streamer.flush()
-            if req.cutter is not None:
-                tail, hit = req.cutter.push(tail) if tail else ("", False)
-                tail += "" if hit else req.cutter.flush()
-                finish = "stop" if hit else finish
-            event.text += tail
+        if finish is not None and not req.text.stopped:
+            event.text += req.text.flush()  # a stop string may still end in the held-back tail
+            finish = "stop" if req.text.stopped else finish
         req.sink(event)
         if finish is not None:
             self._leave(req, finish)
