@@ -226,34 +226,30 @@ class StepRows:
             return cls(slots, pos, doc_start, keys, whole, unchanged)
         arrays = tuple(t.numpy() if t.dtype == torch.int64 and t.is_contiguous() else t.long().contiguous().numpy()
                        for t in (slots, pos, doc_start))
-        return cls(slots, pos, doc_start, keys, whole, unchanged, fused, arrays, _threads(), mixed)
+        return cls(slots, pos, doc_start, keys, whole, unchanged, fused, arrays, scan_numba.threads(), mixed)
+
+
+def _kernel_rows(x: torch.Tensor) -> bool:
+    """A step's rows x the kernels may take: numba present and not tracing (the ops' shared rule,
+    `scan_numba.cpu_fusable`), no autograd, contiguous float32 CPU (n, D)."""
+    return (not torch.is_grad_enabled() and x.dim() == 2 and x.shape[0] > 0 and scan_numba.cpu_fusable(x)
+            and x.is_contiguous())
 
 
 def fusable(x: torch.Tensor) -> bool:
-    """The step-level rule of the kernels (weights are checked by `KernelViews`, states per op):
-    numba present and not tracing (the ops' shared rule, `scan_numba.cpu_fusable`), no autograd,
-    x 1..MAX_BATCH contiguous float32 CPU rows."""
-    if torch.is_grad_enabled() or x.dim() != 2 or not 0 < x.shape[0] <= MAX_BATCH:
-        return False
-    return scan_numba.cpu_fusable(x) and x.is_contiguous()
+    """The streaming kernels' step-level rule (weights are checked by `KernelViews`, states per
+    op): `_kernel_rows` with 1..MAX_BATCH rows."""
+    return x.dim() == 2 and x.shape[0] <= MAX_BATCH and _kernel_rows(x)
 
 
 def hybrid(x: torch.Tensor) -> bool:
-    """The GEMM + `*_mix` kernel path's step-level rule: as `fusable`, above MAX_BATCH rows."""
-    if not HYBRID or torch.is_grad_enabled() or x.dim() != 2 or x.shape[0] <= MAX_BATCH:
-        return False
-    return scan_numba.cpu_fusable(x) and x.is_contiguous()
+    """The GEMM + `*_mix` kernel path's step-level rule: `_kernel_rows` above MAX_BATCH rows."""
+    return HYBRID and x.dim() == 2 and x.shape[0] > MAX_BATCH and _kernel_rows(x)
 
 
 def _norm(x: torch.Tensor, norm: Norm, weight: np.ndarray) -> torch.Tensor:
     """RMSNorm of a step's rows x (n, D) by the kernel (one pass, no autograd wrapper)."""
     return torch.from_numpy(_kernels().rms_norm(x.numpy(), weight, norm[2], np.float32(norm[1])))
-
-
-def _threads() -> int:
-    import numba  # numba is optional: imported only once a kernel runs (then a dict lookup)
-
-    return numba.get_num_threads()
 
 
 def _kernels():
@@ -431,7 +427,7 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
     views.bound = None if isinstance(beta, torch.Tensor) and beta.requires_grad else (
         lambda xa, r: kernel(xa, *fixed, r.threads))
     views.name = "mlp_step"
-    kernel(x.numpy(), *fixed, _threads() if rows is None else rows.threads)
+    kernel(x.numpy(), *fixed, scan_numba.threads() if rows is None else rows.threads)
     FUSED_CALLS["mlp_step"] += 1
     return x
 
@@ -469,6 +465,6 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
         return logits
 
     views.bound, views.name = bound, "logits_step"
-    kernel(x.numpy(), *fixed, out.numpy(), _threads() if rows is None else rows.threads)
+    kernel(x.numpy(), *fixed, out.numpy(), scan_numba.threads() if rows is None else rows.threads)
     FUSED_CALLS["logits_step"] += 1
     return out

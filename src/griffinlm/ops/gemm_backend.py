@@ -236,36 +236,42 @@ def choose(product: str, dtype: torch.dtype, m: int, n: int, k: int,
 
 # --- per-weight copies ------------------------------------------------------------------------
 class WeightCopies:
-    """Derived copies of weights (oneDNN-packed, bf16), each re-made when its weight changes:
-    in place (an optimizer step bumps the version counter) or by a new storage. The copies of
-    one kind together stay within `budget` bytes; past it `get` returns None."""
+    """Derived copies of weights (oneDNN-packed, bf16, several weights stacked), each re-made when
+    one of its weights changes: in place (an optimizer step bumps the version counter) or by a new
+    storage. The copies of one kind together stay within `budget` bytes; past it `get` returns None."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
-        self.entries: dict[tuple[str, int], tuple[weakref.ref, int, int, torch.Tensor, int]] = {}
+        # (kind, weight ids) -> (weakrefs, (version, data_ptr) per weight, copy, bytes)
+        self.entries: dict[tuple, tuple[list[weakref.ref], list[tuple[int, int]], torch.Tensor, int]] = {}
         self.used: collections.Counter[str] = collections.Counter()
 
-    def get(self, kind: str, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
-        key = (kind, id(weight))
+    def get(self, kind: str, weights: torch.Tensor | tuple[torch.Tensor, ...],
+            make: Callable) -> torch.Tensor | None:
+        """The copy `make(weights)` (detached weights, a tensor or a tuple as given), cached."""
+        ws = weights if isinstance(weights, tuple) else (weights,)
+        key = (kind, *map(id, ws))
+        stamps = [(w._version, w.data_ptr()) for w in ws]
         entry = self.entries.get(key)
-        if entry is not None and entry[0]() is weight:
-            if entry[1] == weight._version and entry[2] == weight.data_ptr():
-                return entry[3]
+        if entry is not None and all(r() is w for r, w in zip(entry[0], ws)):
+            if entry[1] == stamps:
+                return entry[2]
             self._drop(key)
-        nbytes = weight.numel() * weight.element_size()  # the copy's size, near enough
+        nbytes = sum(w.numel() * w.element_size() for w in ws)  # the copy's size, near enough
         if self.used[kind] + nbytes > self.budget:
             return None
         with torch.no_grad(), torch.inference_mode(False):
-            copy = make(weight.detach())
-        self.entries[key] = (weakref.ref(weight, lambda _, key=key: self._drop(key)), weight._version,
-                             weight.data_ptr(), copy, nbytes)
+            detached = tuple(w.detach() for w in ws)
+            copy = make(detached if isinstance(weights, tuple) else detached[0])
+        refs = [weakref.ref(w, lambda _, key=key: self._drop(key)) for w in ws]
+        self.entries[key] = (refs, stamps, copy, nbytes)
         self.used[kind] += nbytes
         return copy
 
-    def _drop(self, key: tuple[str, int]) -> None:
+    def _drop(self, key: tuple) -> None:
         entry = self.entries.pop(key, None)
         if entry is not None:
-            self.used[key[0]] -= entry[4]
+            self.used[key[0]] -= entry[3]
 
     def clear(self) -> None:
         self.entries.clear()
@@ -283,18 +289,8 @@ def packed(weight: torch.Tensor) -> torch.Tensor | None:
 def packed_concat(weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     """The weights (N_i, K) stacked along N in oneDNN's blocked layout (cached while every one of
     them is unchanged), or None past the budget: one GEMM for several projections of one input."""
-    first = weights[0]
-    entry = COPIES.entries.get(("concat", id(first)))
-    if entry is not None and entry[0]() is first and getattr(entry[3], "_sources", None) != \
-            [(id(w), w._version, w.data_ptr()) for w in weights]:
-        COPIES._drop(("concat", id(first)))
-
-    def make(_):
-        out = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), MAX_ROW_CLASS)
-        out._sources = [(id(w), w._version, w.data_ptr()) for w in weights]
-        return out
-
-    return COPIES.get("concat", first, make)
+    return COPIES.get("concat", weights,
+                      lambda ws: torch.ops.mkldnn._reorder_linear_weight(torch.cat(ws), MAX_ROW_CLASS))
 
 
 def bf16_copy(weight: torch.Tensor) -> torch.Tensor:

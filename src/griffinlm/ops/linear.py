@@ -172,8 +172,8 @@ def linear_many(x: torch.Tensor, layers: tuple[tuple[torch.Tensor, torch.Tensor 
     Used by the decoding step, whose projections of one normed input (q/k/v, gate/up, the
     recurrent block's two branches) are each too narrow at a few rows to reach the GEMM rate."""
     weights = tuple(w for w, _ in layers)
-    if (any(isinstance(w, QuantizedWeight) for w in weights) or torch.is_grad_enabled() or x.dim() != 2 or len(layers) < 2 or _mode(x, weights[0], layers[0][1]) != "fp32"
-            or any(_mode(x, w, b) != "fp32" for w, b in layers[1:])):
+    if (torch.is_grad_enabled() or x.dim() != 2 or len(layers) < 2
+            or any(isinstance(w, QuantizedWeight) or _mode(x, w, b) != "fp32" for w, b in layers)):
         return [linear(x, w, b) for w, b in layers]
     M, K = x.shape
     sizes = [w.shape[0] for w in weights]

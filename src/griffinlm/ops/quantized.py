@@ -106,14 +106,13 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
                            "differentiated (quantize a copy after training, or load the float checkpoint)")
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
-    if x2.shape[0] <= STREAM_ROWS and x.device.type == "cpu" and scan_numba.available() \
-            and not torch.compiler.is_compiling():
+    if x2.shape[0] <= STREAM_ROWS and scan_numba.cpu_fusable(x2):
         from .decode_step_numba import linear_rows
 
         data, scale = weight.kernel_arrays()
         out = torch.empty(x2.shape[0], weight.shape[0])
         b = torch.empty(0) if bias is None else bias.detach().float().contiguous()
-        linear_rows(x2.contiguous().numpy(), data, scale, b.numpy(), out.numpy(), _threads())
+        linear_rows(x2.contiguous().numpy(), data, scale, b.numpy(), out.numpy(), scan_numba.threads())
         GEMM_CALLS[f"quantized_stream:{weight.mode}"] += 1
     elif x.device.type == "cpu" and native_bf16() or x.device.type == "cuda":
         wb = weight.data if weight.scale is None else COPIES.get("int8_bf16", weight.data,
@@ -128,9 +127,3 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
         out = quantized_linear_reference(x2, weight, bias)
         GEMM_CALLS[f"quantized_gemm_fp32:{weight.mode}"] += 1
     return out.view(*shape[:-1], weight.shape[0])
-
-
-def _threads() -> int:
-    import numba
-
-    return numba.get_num_threads()

@@ -52,6 +52,14 @@ def cpu_fusable(*tensors: torch.Tensor | None) -> bool:
                and t.dtype == torch.float32 for t in present)
 
 
+def threads() -> int:
+    """numba's thread count (the kernels take it as an argument: read inside a kernel it would
+    stop numba from caching the compiled code). numba is imported here, once a kernel runs."""
+    import numba
+
+    return numba.get_num_threads()
+
+
 def numpy_copy(t: torch.Tensor | None, size: int):
     """A numpy copy of a small (size,) parameter, zeros when absent. A copy because `.numpy()`
     makes a storage non-resizable for good, and FSDP frees parameters by resizing them."""
@@ -63,10 +71,8 @@ def chunk_size(B: int, D: int) -> int:
     streams, measured fastest), else split rows so that B * chunks is a multiple of the cores."""
     import math
 
-    import numba
-
-    threads = numba.get_num_threads()
-    chunks = threads // math.gcd(B, threads)
+    n = threads()
+    chunks = n // math.gcd(B, n)
     chunks = max(1, min(chunks, D // _MIN_CHUNK))
     return -(-D // chunks)
 
