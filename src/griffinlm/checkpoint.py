@@ -144,10 +144,7 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     _write_json(os.path.join(tmp, "config.json"), model.config.to_dict())
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    quantized = getattr(model, "quantization", None)  # `griffinlm.quantize`: loading rebuilds the structure
-    st.save_file(weights, os.path.join(tmp, "model.safetensors"),
-                 metadata={"format": "pt", **({"griffinlm_quantization": quantized} if quantized else {})})
+    save_weights_file(model, os.path.join(tmp, "model.safetensors"))
     opt_tensors, groups = _optimizer_to_parts(optimizer)
     rng_tensors, rng_scalars = rng_state()
     st.save_file({**opt_tensors, **rng_tensors}, os.path.join(tmp, "state.safetensors"))
@@ -257,6 +254,19 @@ def load_weights(ckpt: Checkpoint, model: torch.nn.Module) -> None:
     load_weights_file(os.path.join(ckpt.path, "model.safetensors"), model)
 
 
+# safetensors metadata key holding a quantized model's mode (`griffinlm.quantize`)
+QUANTIZATION_KEY = "griffinlm_quantization"
+
+
+def save_weights_file(model: torch.nn.Module, fp: str) -> None:
+    """Writes `model`'s weights to the safetensors file `fp`; a quantized model's mode goes in the
+    metadata, so that `load_weights_file` rebuilds its structure first."""
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    quantized = getattr(model, "quantization", None)
+    _safetensors().save_file(weights, fp, metadata={"format": "pt", **({QUANTIZATION_KEY: quantized}
+                                                                       if quantized else {})})
+
+
 def load_weights_file(fp: str, model: torch.nn.Module) -> None:
     """Loads a model.safetensors file into `model`; CheckpointError names the file when it is
     unreadable or its tensors do not fit the model."""
@@ -265,7 +275,7 @@ def load_weights_file(fp: str, model: torch.nn.Module) -> None:
         from safetensors import safe_open
 
         with safe_open(fp, framework="pt") as f:
-            quantized = (f.metadata() or {}).get("griffinlm_quantization")
+            quantized = (f.metadata() or {}).get(QUANTIZATION_KEY)
     except Exception as e:
         raise CheckpointError(f"corrupt checkpoint file {fp}: {e}") from None
     if quantized:  # a quantized model's file: its structure first (`griffinlm.quantize`)

@@ -18,7 +18,7 @@ DTYPES = ("auto", "fp32", "bf16")
 
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {dtype!r}")
 
 
 def compute_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:

@@ -8,9 +8,9 @@ remaining parameters stop requiring gradients: a quantized model is for inferenc
 is refused with a clear error. The decoding kernels read the quantized weights directly
 (`ops.decode_step_numba`), so a step streams a quarter (int8) or half (bf16) of the bytes.
 
-A quantized model saves like any other (`safetensors`: `...weight.data` int8/bf16 beside
-`...weight.scale`, the mode in the file's metadata) and `checkpoint.load_weights_file` rebuilds the
-quantized structure before loading it.
+A quantized model saves like any other (`checkpoint.save_weights_file`: `...weight.data` int8/bf16
+beside `...weight.scale`, the mode in the file's metadata) and `checkpoint.load_weights_file`
+rebuilds the quantized structure before loading it.
 """
 from __future__ import annotations
 
@@ -19,9 +19,6 @@ from torch import nn
 
 from .layers.linear import Linear
 from .ops.quantized import MODES, QuantizedWeight
-
-METADATA_KEY = "griffinlm_quantization"
-
 
 class QuantizedEmbedding(nn.Module):
     """The tied embedding with a quantized table: forward(ids (...)) -> (..., D) float32, and
@@ -77,15 +74,14 @@ def save_quantized(model: nn.Module, directory: str) -> None:
     import json
     import os
 
-    from safetensors.torch import save_file
+    from .checkpoint import save_weights_file
 
     mode = quantization_of(model)
     if mode is None:
         raise ValueError("the model is not quantized: call quantize_(model, mode) first")
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, "model.safetensors.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp,
-              metadata={"format": "pt", METADATA_KEY: mode})
+    save_weights_file(model, tmp)
     os.replace(tmp, os.path.join(directory, "model.safetensors"))
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(model.config.to_dict(), f, indent=1)

@@ -83,6 +83,14 @@ def create_app(engine: Engine, model_name: str, metrics: ServeMetrics | None = N
         param = ".".join(loc) or None
         return error(400, f"{param or 'body'}: {err.get('msg', 'invalid value')}", param)
 
+    @app.exception_handler(BadRequest)
+    async def bad_request(_, exc: BadRequest):
+        return error(400, str(exc), exc.param)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_, exc: QueueFull):
+        return error(429, str(exc), kind="rate_limit_error", headers={"Retry-After": "1"})
+
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)
@@ -207,39 +215,29 @@ def create_app(engine: Engine, model_name: str, metrics: ServeMetrics | None = N
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        try:
-            check_model(body.model)
-            if isinstance(body.prompt, str):
-                prompts = [encode(body.prompt)]
-            elif body.prompt and all(isinstance(p, str) for p in body.prompt):
-                prompts = [encode(p) for p in body.prompt]
-            else:
-                prompts = [list(body.prompt)]
-            sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.top_k, body.seed,
-                                [body.stop] if isinstance(body.stop, str) else list(body.stop or []), body.logprobs,
-                                body.ignore_eos)
-            return await run(request, prompts, sampling, body.n, body.stream, chat=False)
-        except BadRequest as e:
-            return error(400, str(e), e.param)
-        except QueueFull as e:
-            return error(429, str(e), kind="rate_limit_error", headers={"Retry-After": "1"})
+        check_model(body.model)
+        if isinstance(body.prompt, str):
+            prompts = [encode(body.prompt)]
+        elif body.prompt and all(isinstance(p, str) for p in body.prompt):
+            prompts = [encode(p) for p in body.prompt]
+        else:
+            prompts = [list(body.prompt)]
+        sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.top_k, body.seed,
+                            [body.stop] if isinstance(body.stop, str) else list(body.stop or []), body.logprobs,
+                            body.ignore_eos)
+        return await run(request, prompts, sampling, body.n, body.stream, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
+        check_model(body.model)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or chat_format.default_stop)
+        sampling = Sampling(body.max_completion_tokens or body.max_tokens or 256, body.temperature, body.top_p,
+                            body.top_k, body.seed, stop)
         try:
-            check_model(body.model)
-            stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or chat_format.default_stop)
-            sampling = Sampling(body.max_completion_tokens or body.max_tokens or 256, body.temperature, body.top_p,
-                                body.top_k, body.seed, stop)
-            try:
-                prompt = chat_format.encode([m.model_dump() for m in body.messages])
-            except Exception as e:  # the template refused the conversation (raise_exception) or failed
-                raise BadRequest(f"the chat template cannot render these messages: {e}", "messages") from None
-            return await run(request, [prompt], sampling, body.n, body.stream, chat=True)
-        except BadRequest as e:
-            return error(400, str(e), e.param)
-        except QueueFull as e:
-            return error(429, str(e), kind="rate_limit_error", headers={"Retry-After": "1"})
+            prompt = chat_format.encode([m.model_dump() for m in body.messages])
+        except Exception as e:  # the template refused the conversation (raise_exception) or failed
+            raise BadRequest(f"the chat template cannot render these messages: {e}", "messages") from None
+        return await run(request, [prompt], sampling, body.n, body.stream, chat=True)
 
     return app
 

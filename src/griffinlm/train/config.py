@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..precision import check_dtype
+
 # Fields that must be equal for a resumed run to continue exactly where the old one stopped.
 # The others (steps, eval/save cadence, device, progress display) may change on resume.
 RESUME_FIELDS = ("data", "tokenizer", "text_field", "batch_size", "seq_len", "grad_accum", "lr",
@@ -71,8 +73,7 @@ class TrainConfig:
             raise ValueError("warmup_steps, eval_every, save_every and sample_tokens must be >= 0")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        check_dtype(self.dtype)
 
     @property
     def resolved_eval_every(self) -> int:
