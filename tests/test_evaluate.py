@@ -136,6 +136,40 @@ def test_continuation_logprobs_match_direct_computation():
     assert math.isfinite(short[0][0])
 
 
+@pytest.mark.parametrize("arch", ["griffin", "hawk", "transformer"])
+def test_shared_contexts_score_as_independent_forwards(arch):
+    """Contexts shared by several continuations run once (left-padded in a batch, forked per
+    request); every score must equal a plain forward of context + continuation."""
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(0, 256, (n,), generator=g).tolist()
+
+    contexts = [[256] + ids(n) for n in (3, 17, 1, 9, 12)]  # lengths around the window of 8
+    reqs = [(c, ids(k)) for c in contexts for k in (1, 4, 2)]  # three choices each, one of one token
+    reqs += [([256] + ids(11), ids(5))]  # a context of its own
+    order = torch.randperm(len(reqs), generator=g).tolist()
+    reqs = [reqs[i] for i in order]  # members of one group scattered through the list
+    for batch_size in (4, 64, 1):
+        got = continuation_logprobs(model, reqs, batch_size=batch_size)
+        for (ctx, cont), (lp, greedy) in zip(reqs, got):
+            seq = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(seq).double(), -1)[0]
+            idx = range(len(ctx) - 1, len(ctx) + len(cont) - 1)
+            assert lp == pytest.approx(sum(float(logp[i, seq[0, i + 1]]) for i in idx), abs=1e-4)
+            assert greedy == all(int(logp[i].argmax()) == int(seq[0, i + 1]) for i in idx)
+
+
+def test_shared_context_batches_count_requests_and_report_progress():
+    model = tiny_model("griffin")
+    reqs = [([256, 1, 2], [c]) for c in range(5)] + [([256, 3], [1, 2])]
+    seen = []
+    continuation_logprobs(model, reqs, batch_size=2, progress=seen.append)
+    assert seen == [5, 1]  # a group is never split, so a batch may exceed batch_size
+
+
 # --- multiple choice --------------------------------------------------------------------
 def test_load_questions_formats_and_errors(tmp_path):
     path = tmp_path / "q.jsonl"

@@ -326,3 +326,58 @@ def test_batched_forward_on_slots_at_different_positions(arch):
         torch.testing.assert_close(logits[0], model(a[None, :9])[0, 3:], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(logits[1], model(b[None, :13])[0, 7:], rtol=1e-9, atol=1e-9)
     assert pool.positions.tolist() == [9, 13]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_many_equals_one_prefill_per_slot(arch):
+    """Prompts of different lengths prefilled together (left-padded, pads a document of their
+    own) leave every slot as its own prefill does: same last logits, same steps after."""
+    model = small(arch)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in (7, 1, 12, 4)]
+    slots = [5, 0, 3, 1]
+    alone, together = model.init_cache(6, max_length=40), model.init_cache(6, max_length=40)
+    with torch.no_grad():
+        want = torch.stack([model.prefill(p, alone, s, last_only=True) for p, s in zip(prompts, slots)])
+        got = model.prefill_many(prompts, together, slots)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        tokens = torch.randint(0, V, (4,), generator=g)
+        for _ in range(9):  # past the window of 5: the pads must never be attended
+            a, b = model.step(tokens, alone, slots), model.step(tokens, together, slots)
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+            tokens = a.argmax(-1)
+    assert together.positions[2] == 0 and together.positions[4] == 0  # other slots untouched
+
+
+def test_prefill_many_refuses_bad_input_and_leaves_the_pool_unchanged():
+    model = small("griffin")
+    cache = model.init_cache(3)
+    with torch.no_grad():
+        model.prefill(torch.tensor([1, 2]), cache, 0)
+        before = [t.clone() for t in cache._all_tensors()]
+        with pytest.raises(ValueError, match="fresh slots"):
+            model.prefill_many([torch.tensor([1]), torch.tensor([2, 3])], cache, [0, 1])
+        with pytest.raises(ValueError, match="one prompt per slot"):
+            model.prefill_many([torch.tensor([1])], cache, [1, 2])
+        with pytest.raises(ValueError, match="out of range"):
+            model.prefill_many([torch.tensor([V]), torch.tensor([2])], cache, [1, 2])
+    assert all(torch.equal(a, b) for a, b in zip(before, cache._all_tensors()))
+
+
+def test_select_forks_slots_and_put_writes_them_back():
+    model = small("griffin")
+    cache = model.init_cache(3)
+    with torch.no_grad():
+        model.prefill(torch.tensor([1, 2, 3]), cache, 1)
+        model.prefill(torch.tensor([4]), cache, 2)
+        forked = cache.select([1, 1, 2])
+        assert forked.batch_size == 3 and forked.positions.tolist() == [3, 3, 1]
+        a = model.step(torch.tensor([5, 5, 6]), forked)
+        b = model.step(torch.tensor([5, 6]), cache, [1, 2])
+        torch.testing.assert_close(a[[0, 2]], b)
+        torch.testing.assert_close(a[0], a[1])
+        fresh = model.init_cache(3)
+        fresh.put([2, 0], cache.select([1, 2]))
+        assert fresh.positions.tolist() == [2, 0, 4]
+    with pytest.raises(ValueError, match="slots"):
+        cache.select([3])

@@ -8,11 +8,13 @@ many sequences at once. Every tensor is allocated once by `LanguageModel.init_ca
 updated in place; shapes never change, so a compiled step stays valid.
 
 Slot operations: `reset` (empty, position 0), `copy_` (fork a sequence, the cheap prefix
-sharing a constant-size state allows), `snapshot` / `restore` (one slot's state as a dict of
+sharing a constant-size state allows), `select` (a new pool of chosen, possibly repeated,
+slots) and `put` (write a pool's slots into chosen ones), `snapshot` / `restore` (one slot's state as a dict of
 tensors), and `save_state` / `load_state` (a snapshot in a safetensors file).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -174,6 +176,31 @@ class ModelCache:
 
     def _all_tensors(self) -> list[torch.Tensor]:
         return [self.positions, self.doc_start] + [t for c in self.blocks for t in c.tensors().values()]
+
+    def select(self, slots: SlotIndex) -> "ModelCache":
+        """A new pool whose slot i is a copy of slot slots[i] of this one (a slot may repeat:
+        one sequence forked into several, e.g. a shared context scored with several endings)."""
+        idx = torch.as_tensor(slots, dtype=torch.long).reshape(-1).to(self.positions.device)
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.batch_size:
+            raise ValueError(f"slots must be a non-empty list of slots in [0, {self.batch_size})")
+
+        def rows(state):
+            return dataclasses.replace(state, **{k: t.index_select(0, idx) for k, t in state.tensors().items()})
+
+        return ModelCache([rows(c) for c in self.blocks], self.positions.index_select(0, idx),
+                          self.doc_start.index_select(0, idx))
+
+    def put(self, slots: SlotIndex, other: "ModelCache") -> "ModelCache":
+        """Writes the slots of pool `other` (of the same model and sizes) into `slots` of this
+        one, in order: other's slot i goes to slots[i]."""
+        idx = self.slot_tensor(slots)
+        mine, theirs = self._all_tensors(), other._all_tensors()
+        if len(idx) != other.batch_size or [t.shape[1:] for t in mine] != [t.shape[1:] for t in theirs]:
+            raise ValueError(f"cannot put a pool of {other.batch_size} slots into {len(idx)} slots of a pool with "
+                             "other state shapes")
+        for t, u in zip(mine, theirs):
+            t.index_copy_(0, idx, u)
+        return self
 
     def view(self, slot: int) -> "ModelCache":
         """A one-slot pool whose tensors are views of slot `slot` (writes land in this pool)."""

@@ -2,9 +2,10 @@
 
 `GenerationMixin` is mixed into `LanguageModel`; this module never imports the model. It needs
 from the model: `init_cache(batch, max_length)`, `prefill(tokens, cache, slot, last_only=True)`,
-`step(tokens, cache, slots)` and `model(tokens, cache=)` (a batched prefill of equal-length
-prompts). Each prompt prefills its own slot (no padding), and a row that stops leaves the
-batch: later steps advance only the slots still generating.
+`prefill_many(prompts, cache, slots)`, `step(tokens, cache, slots)` and `model(tokens, cache=)`
+(a batched prefill of equal-length prompts). Prompts of different lengths prefill their own
+slots in one batched forward, and a row that stops leaves the batch: later steps advance only
+the slots still generating.
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ class GenerationMixin:
             logits, cache = self(rows.to(device), cache=cache)
             last = logits[:, -1]
         else:
-            last = torch.stack([self.prefill(r.to(device), cache, b, last_only=True) for b, r in enumerate(rows)])
+            last = self.prefill_many([r.to(device) for r in rows], cache, list(range(B)))  # one batched forward
         active = torch.arange(B, device=device)  # slots still generating, in row order
         every = True  # every row still generating: slots are the whole pool in order
         for i in range(max_new_tokens):

@@ -8,6 +8,7 @@ token each (the one decoding path; `forward` with a cache and `generate` are bui
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -173,22 +174,24 @@ class LanguageModel(nn.Module, GenerationMixin):
         return torch.cat(rows), cache
 
     def _forward(self, tokens: torch.Tensor, pos: Positions, cache: ModelCache | None = None,
-                 offset: int = 0) -> torch.Tensor:
-        """(B, T) ids -> (B, T, V) logits through every block (with a cache: after `offset` tokens)."""
+                 offset: int = 0, last_only: bool = False) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) logits through every block (with a cache: after `offset` tokens);
+        `last_only`: the last position's only, (B, 1, V) (a prefill needs no more)."""
         x = self._embed(tokens)  # (B, T, D)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, pos, use_reentrant=False)
             else:
                 x = block(x, pos, None if cache is None else cache.blocks[i], offset)
-        return self._logits(x)
+        return self._logits(x[:, -1:] if last_only else x)
 
     def _chunk(self, tokens: torch.Tensor, cache: ModelCache, offset: int,
-               segment_pos: torch.Tensor | None) -> torch.Tensor:
-        """Tokens (B, T) appended to cache slots that all hold `offset` tokens -> logits (B, T, V)."""
+               segment_pos: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+        """Tokens (B, T) appended to cache slots that all hold `offset` tokens -> logits (B, T, V)
+        (with `last_only`: (B, 1, V))."""
         B, T = tokens.shape
         pos = Positions.build(B, T, offset, tokens.device, segment_pos, cache.doc_start)
-        logits = self._forward(tokens, pos, cache, offset)
+        logits = self._forward(tokens, pos, cache, offset, last_only)
         cache.positions.fill_(offset + T)
         cache.doc_start.copy_(pos.doc_start[:, -1])
         return logits
@@ -213,8 +216,44 @@ class LanguageModel(nn.Module, GenerationMixin):
             segment_pos = segment_pos.to(cache.positions.device).long()[None]
         s = int(index)
         logits = self._chunk(tokens[None].to(cache.positions.device), cache.view(s), int(cache.positions[s]),
-                             segment_pos)[0]
+                             segment_pos, last_only)[0]
         return logits[-1] if last_only else logits
+
+    def prefill_many(self, prompts: Sequence[torch.Tensor], cache: ModelCache, slots: SlotIndex) -> torch.Tensor:
+        """Prefills fresh slots (reset or new: at position 0) with prompts of any lengths in one
+        batched forward: prompts[i] (T_i,) long into slots[i]. Returns the last position's
+        logits of each, (n, vocab_size).
+
+        The prompts are left-padded to the longest; each pad run is a document of its own
+        before the prompt's (`segment_pos`), so the recurrence resets at the prompt and neither
+        conv nor attention looks back into the pads: the state equals one `prefill` per slot,
+        except that a slot's position counts its pads (a global-attention slot needs room for
+        them). A ValueError (bad ids, slots, a slot not at position 0, too little room) leaves
+        the pool unchanged."""
+        self._check_cache(cache)
+        index = cache.slot_tensor(slots)
+        rows = [torch.as_tensor(p).reshape(-1) for p in prompts]
+        if len(rows) != len(index):
+            raise ValueError(f"{len(rows)} prompts for {len(index)} slots: give one prompt per slot")
+        for r in rows:
+            self._check_ids(r, "seq_len")
+        if bool((cache.positions.index_select(0, index) != 0).any()):
+            raise ValueError("prefill_many fills fresh slots (position 0; reset them first); continue a "
+                             "slot's sequence with prefill")
+        T = max(r.numel() for r in rows)
+        cache.check_room(index, T)
+        device = cache.positions.device
+        tokens = torch.zeros(len(rows), T, dtype=torch.long)
+        segment_pos = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            pad = T - r.numel()
+            tokens[i, pad:] = r
+            segment_pos[i, :pad] = torch.arange(pad)
+            segment_pos[i, pad:] = torch.arange(r.numel())
+        part = cache.select(index)
+        logits = self._chunk(tokens.to(device), part, 0, segment_pos.to(device), last_only=True)  # (n, 1, V)
+        cache.put(index, part)
+        return logits[:, -1]
 
     def step(self, tokens: torch.Tensor, cache: ModelCache, slots: SlotIndex | None = None, *,
              check: bool = True) -> torch.Tensor:

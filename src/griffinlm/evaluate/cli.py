@@ -5,7 +5,7 @@
     griffinlm study glu-variants    --budget small --out results
     griffinlm study scaling         --budget small --out results
     griffinlm study multiple-choice --checkpoint runs/griffin-tiny --tasks questions.jsonl
-    griffinlm study lm-eval         --checkpoint runs/griffin-tiny --tasks hellaswag   (needs lm-eval)
+    griffinlm study lm-eval         --checkpoint runs/griffin-tiny --tasks hellaswag   (= griffinlm eval --tasks)
 
 `griffinlm eval --checkpoint DIR` (held-out bits per byte of one checkpoint) is the training
 package's command; the studies live under their own command so that form stays unchanged.
@@ -13,7 +13,6 @@ package's command; the studies live under their own command so that form stays u
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -64,14 +63,21 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=16)
     _common(q)
     q.set_defaults(func=_run_multiple_choice)
-    q = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a checkpoint (pip install lm-eval)",
+    q = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint (the same as "
+                                       "`griffinlm eval --tasks`; pip install 'griffinlm[eval]')",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--checkpoint", required=True, help="a `griffinlm train` run or checkpoint directory")
-    q.add_argument("--tasks", nargs="+", required=True, help="harness task names, e.g. hellaswag arc_easy")
-    q.add_argument("--limit", type=int, default=None, help="examples per task")
+    q.add_argument("--tasks", nargs="+", required=True,
+                   help="harness task names, task YAML files or a directory of YAML files")
+    q.add_argument("--include-path", default=None, help="a directory of extra task YAMLs")
+    q.add_argument("--limit", type=float, default=None, help="examples per task (a count, or a fraction < 1)")
     q.add_argument("--num-fewshot", type=int, default=None)
-    q.add_argument("--batch-size", type=int, default=16)
-    _common(q)
+    q.add_argument("--batch-size", default="16", help="an integer, or auto (measured)")
+    q.add_argument("--log-samples", action="store_true", help="also write every sample's inputs and outputs")
+    q.add_argument("--seed", type=int, default=None, help="harness seeds and the sampling seed")
+    q.add_argument("--out", default="results", help="directory for the harness's results JSON (and samples)")
+    q.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]")
+    q.add_argument("--threads", type=int, default=None, help="CPU threads for torch and numba")
     q.set_defaults(func=_run_lm_eval)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     return p
@@ -156,18 +162,13 @@ def _run_multiple_choice(args: argparse.Namespace) -> int:
 
 
 def _run_lm_eval(args: argparse.Namespace) -> int:
-    from .lm_eval_adapter import run_lm_eval
+    from .lm_eval_adapter import harness_args, run_harness
 
     try:
-        results = run_lm_eval(args.checkpoint, args.tasks, args.device if args.device != "auto" else "cpu",
-                              args.batch_size, args.limit, args.num_fewshot)
-    except ImportError as e:
+        return run_harness(harness_args(args.checkpoint, args.tasks, include_path=args.include_path,
+                                        num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                                        device=args.device, threads=args.threads, seed=args.seed,
+                                        log_samples=args.log_samples, output_path=args.out))
+    except (ImportError, ValueError) as e:
         print(f"griffinlm study lm-eval: {e}", file=sys.stderr)
         return 2
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "lm-eval.json")
-    with open(path, "w") as f:
-        json.dump(results.get("results", results), f, indent=1, default=str)
-    print(json.dumps(results.get("results", {}), indent=1, default=str))
-    print(f"results: {path}")
-    return 0

@@ -1,156 +1,110 @@
-"""Driving griffinlm models from EleutherAI's lm-evaluation-harness (an optional extra).
+"""griffinlm models in EleutherAI's lm-evaluation-harness (the `eval` extra: pip install 'griffinlm[eval]').
 
-`HarnessAdapter` answers the harness's three request types without importing lm_eval, from any
-objects with an `args` tuple (the harness's `Instance`s):
-  loglikelihood          args (context, continuation) -> (sum log p(continuation | context), is greedy)
-  loglikelihood_rolling  args (text,)                 -> sum log p(text), the whole text scored
-  generate_until         args (context, gen_kwargs)   -> generated text, cut at the first `until` string
+The harness (0.4.x) has no plugin hook: a model name exists once something registers it. So
 
-`lm_eval_model_class()` imports lm_eval lazily and returns an `lm_eval.api.model.LM` subclass
-registered as "griffinlm", so that
+    python -m griffinlm.lm_eval --model griffinlm --model_args pretrained=DIR --tasks ...
 
-    import lm_eval
-    from griffinlm.evaluate.lm_eval_adapter import lm_eval_model_class
-    lm = lm_eval_model_class()(checkpoint="runs/griffin-tiny")
-    lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])
-
-works once `pip install lm-eval` is done.
+is the harness's own command line (exactly its arguments and output) with "griffinlm"
+registered first; `griffinlm eval --checkpoint DIR --tasks ...` runs the same thing from our
+CLI's flags. From Python, `register()` once, then `lm_eval.simple_evaluate(model="griffinlm",
+model_args={"pretrained": DIR}, ...)` or any harness API. The model's arguments are listed in
+`griffinlm.evaluate.lm_eval_model`; its request handling is `griffinlm.evaluate.harness`.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Sequence
-from typing import Any
-
-import torch
-
-from ..data import Tokenizer, load_tokenizer
-from ..model import LanguageModel
-from .scoring import chunked_token_nats, continuation_logprobs
 
 INSTALL_HINT = ("lm-evaluation-harness is not installed: pip install lm-eval "
                 "(or pip install 'griffinlm[eval]'), then retry")
+MODEL_NAME = "griffinlm"
+MODEL_TARGET = "griffinlm.evaluate.lm_eval_model:GriffinLMEval"
 
 
-class HarnessAdapter:
-    """lm-evaluation-harness request handling for a model and its tokenizer.
+def register() -> None:
+    """Registers the "griffinlm" model with the installed harness (idempotent).
 
-    Args:
-        model: the language model (put in eval mode).
-        tokenizer: what the model was trained with; every text starts with its BOS.
-        batch_size: sequences per forward pass when scoring.
-        max_length: longest sequence fed to the model (contexts are cut from the left);
-            default the model's `max_position`, else unlimited.
-        chunk: tokens per cached forward in `loglikelihood_rolling`.
-    """
+    The harness's own models are registered first: its registry imports them only when it is
+    empty, which our entry would otherwise prevent. Raises ImportError with the install command
+    when lm_eval is missing."""
+    import importlib
 
-    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, batch_size: int = 16,
-                 max_length: int | None = None, chunk: int = 1024) -> None:
-        self.model = model.eval()
-        self.tok = tokenizer
-        self.batch_size = batch_size
-        self.max_length = max_length or model.config.max_position
-        self.chunk = chunk
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str, device: str = "cpu", **kwargs: Any) -> "HarnessAdapter":
-        """An adapter for a `griffinlm train` run or checkpoint directory."""
-        from ..checkpoint import load_model
-        from ..train.loop import resolve_device
-
-        model, ckpt = load_model(checkpoint, resolve_device(device))
-        return cls(model, load_tokenizer(ckpt.trainer.get("tokenizer") or "byte"), **kwargs)
-
-    def _encode(self, text: str) -> list[int]:
-        return [int(t) for t in self.tok.encode(text)]
-
-    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
-        pairs = []
-        for req in requests:
-            context, continuation = req.args[0], req.args[1]
-            pairs.append(([self.tok.bos_id] + self._encode(context), self._encode(continuation)))
-        return continuation_logprobs(self.model, pairs, self.batch_size, self.max_length)
-
-    def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
-        out = []
-        for req in requests:
-            ids = [self.tok.bos_id] + self._encode(req.args[0])
-            if len(ids) < 2:
-                out.append(0.0)
-                continue
-            nats = chunked_token_nats(self.model, torch.tensor([ids]), self.chunk)
-            out.append(-float(nats.sum()))
-        return out
-
-    @torch.no_grad()
-    def generate_until(self, requests: Sequence[Any]) -> list[str]:
-        out = []
-        for req in requests:
-            context, kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", 256))
-            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
-            ids = [self.tok.bos_id] + self._encode(context)
-            if self.max_length is not None:
-                ids = ids[-max(1, self.max_length - max_new):]
-            gen = torch.Generator(device=next(self.model.parameters()).device).manual_seed(0)
-            row = self.model.generate([ids], max_new, temperature=temperature, generator=gen,
-                                      stop_tokens=self.tok.eos_id)[0].tolist()[len(ids):]
-            text = self.tok.decode([t for t in row if t != self.tok.eos_id])
-            cut = min((text.index(s) for s in until if s and s in text), default=len(text))
-            out.append(text[:cut])
-        return out
-
-
-_REGISTERED: dict[str, type] = {}
+    try:
+        importlib.import_module("lm_eval.models")  # registers the harness's own models
+        from lm_eval.api.registry import model_registry
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target=MODEL_TARGET)
 
 
 def lm_eval_model_class() -> type:
-    """The `lm_eval.api.model.LM` subclass for griffinlm models, registered as "griffinlm".
+    """The `lm_eval.api.model.LM` subclass for griffinlm checkpoints, registered as "griffinlm".
 
     Raises ImportError with the install command when lm_eval is missing."""
-    if "cls" in _REGISTERED:
-        return _REGISTERED["cls"]
-    try:
-        from lm_eval.api.model import LM
-    except ImportError as e:
-        raise ImportError(INSTALL_HINT) from e
+    register()
+    from .lm_eval_model import GriffinLMEval
 
-    class GriffinLMEval(LM):
-        """lm-evaluation-harness model: `checkpoint` is a griffinlm run or checkpoint directory."""
-
-        def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int | str = 16,
-                     max_length: int | None = None, **_: Any) -> None:
-            super().__init__()
-            self.adapter = HarnessAdapter.from_checkpoint(
-                checkpoint, device, batch_size=int(batch_size) if str(batch_size).isdigit() else 16,
-                max_length=int(max_length) if max_length else None)
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return self.adapter.loglikelihood(requests)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return self.adapter.loglikelihood_rolling(requests)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            return self.adapter.generate_until(requests)
-
-    try:
-        from lm_eval.api.registry import register_model
-        register_model("griffinlm")(GriffinLMEval)
-    except (ImportError, ValueError, AssertionError):  # older harness, or already registered
-        pass
-    _REGISTERED["cls"] = GriffinLMEval
     return GriffinLMEval
 
 
-def run_lm_eval(checkpoint: str, tasks: list[str], device: str = "cpu", batch_size: int = 16,
-                limit: int | None = None, num_fewshot: int | None = None) -> dict:
-    """`lm_eval.simple_evaluate` on a griffinlm checkpoint; returns the harness's results dict."""
-    cls = lm_eval_model_class()
+@contextlib.contextmanager
+def _argv(argv: list[str]):
+    saved = sys.argv
+    sys.argv = argv
     try:
-        import lm_eval
-    except ImportError as e:  # pragma: no cover - lm_eval_model_class already imported it
-        raise ImportError(INSTALL_HINT) from e
-    lm = cls(checkpoint=checkpoint, device=device, batch_size=batch_size)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot)
+        yield
+    finally:
+        sys.argv = saved
+
+
+def run_harness(argv: Sequence[str]) -> int:
+    """The harness's command line (`lm_eval ARGS`) with "griffinlm" registered; returns its
+    exit status."""
+    register()
+    from lm_eval.__main__ import cli_evaluate
+
+    with _argv(["lm_eval", *argv]):
+        try:
+            cli_evaluate()
+        except SystemExit as e:  # argparse errors and --help
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+def harness_args(checkpoint: str, tasks: Sequence[str], *, include_path: str | None = None,
+                 num_fewshot: int | None = None, limit: float | None = None, batch_size: str = "16",
+                 device: str = "auto", dtype: str = "auto", quantize: str | None = None, threads: int | None = None,
+                 seed: int | None = None, log_samples: bool = False, output_path: str | None = None,
+                 gen_kwargs: str | None = None) -> list[str]:
+    """The harness command line for `griffinlm eval --tasks ...`."""
+    if "," in checkpoint:
+        raise ValueError(f"the checkpoint path must not contain a comma (the harness splits model_args "
+                         f"on commas): {checkpoint!r}")
+    model_args = [f"pretrained={checkpoint}", f"dtype={dtype}"]
+    if quantize:
+        model_args.append(f"quantize={quantize}")
+    if threads:
+        model_args.append(f"threads={threads}")
+    if seed is not None:
+        model_args.append(f"seed={seed}")
+    argv = ["run", "--model", MODEL_NAME, "--model_args", ",".join(model_args), "--tasks", *tasks,
+            "--device", device, "--batch_size", str(batch_size)]
+    if include_path:
+        argv += ["--include_path", include_path]
+    if num_fewshot is not None:
+        argv += ["--num_fewshot", str(num_fewshot)]
+    if limit is not None:
+        argv += ["--limit", str(limit)]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    if output_path:
+        argv += ["--output_path", output_path]
+    if log_samples:
+        if not output_path:
+            raise ValueError("--log-samples needs --out DIR (the per-sample outputs are written there)")
+        argv.append("--log_samples")
+    if gen_kwargs:
+        argv += ["--gen_kwargs", gen_kwargs]
+    return argv

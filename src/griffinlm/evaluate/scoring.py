@@ -3,7 +3,7 @@
 multiple-choice scorer and the lm-evaluation-harness adapter)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,12 +13,13 @@ from ..precision import autocast
 
 
 @torch.no_grad()
-def chunked_token_nats(model: LanguageModel, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunked_token_nats(model: LanguageModel, tokens: torch.Tensor, chunk: int, dtype: str = "auto") -> torch.Tensor:
     """-log p(tokens[:, t+1] | tokens[:, :t+1]) in nats, (B, L-1) float32, for tokens (B, L).
 
     The sequence goes through the model `chunk` tokens at a time, each chunk continuing from the
     cache of the ones before (a global-attention cache is sized to L), so activations never hold
-    more than one chunk and a recurrent model's memory is independent of L."""
+    more than one chunk and a recurrent model's memory is independent of L. `dtype`: the GEMM
+    precision (`griffinlm.precision`)."""
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     device = next(model.parameters()).device
@@ -30,7 +31,7 @@ def chunked_token_nats(model: LanguageModel, tokens: torch.Tensor, chunk: int) -
     out = []
     for start in range(0, L - 1, chunk):
         stop = min(start + chunk, L - 1)
-        with autocast(device):
+        with autocast(device, dtype):
             logits, cache = model(tokens[:, start:stop], cache=cache)
         targets = tokens[:, start + 1:stop + 1]
         out.append(F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none"))
@@ -39,42 +40,92 @@ def chunked_token_nats(model: LanguageModel, tokens: torch.Tensor, chunk: int) -
 
 @torch.no_grad()
 def continuation_logprobs(model: LanguageModel, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                          batch_size: int = 16, max_length: int | None = None
-                          ) -> list[tuple[float, bool]]:
+                          batch_size: int = 16, max_length: int | None = None, dtype: str = "auto",
+                          progress: Callable[[int], object] | None = None) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): (sum of log p(continuation | context) in nats,
     whether greedy decoding would produce the continuation).
 
-    Rows are right-padded into batches (padding comes after every scored position, so it never
-    affects them under causal masking). Contexts are truncated from the left so that context +
-    continuation fits `max_length` tokens (when given); the context keeps at least one token."""
-    device = next(model.parameters()).device
-    rows: list[tuple[list[int], int]] = []  # (tokens, index of the first continuation token)
+    A batch of requests with distinct contexts is one right-padded forward of context +
+    continuation. Requests that share a context (the choices of a multiple-choice question) run
+    it once: the distinct contexts of a batch go through the model together (`prefill_many`:
+    left-padded, each a document of its own, only the last position's logits computed),
+    their states are forked into one slot per request (`ModelCache.select`), and the
+    continuations run from there in one batched forward (none at all for one-token
+    continuations). A batch holds about `batch_size` requests, whole groups only, longest
+    first. Contexts are truncated from the left so that context + continuation fits
+    `max_length` tokens (when given); the context keeps at least one token.
+    `dtype`: the GEMM precision (`griffinlm.precision`); `progress(n)` is called with the number
+    of requests scored after each batch."""
+    rows: list[tuple[tuple[int, ...], list[int]]] = []
     for context, continuation in requests:
         context, continuation = [int(t) for t in context], [int(t) for t in continuation]
         if not context or not continuation:
             raise ValueError("every request needs a non-empty context (e.g. BOS) and continuation")
         if max_length is not None and len(context) + len(continuation) > max_length:
-            keep = max(1, max_length - len(continuation))
-            context = context[-keep:]
-        rows.append((context + continuation, len(context)))
-    # Longest first: batches hold similar lengths, and a too-long row fails at the first batch.
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+            context = context[-max(1, max_length - len(continuation)):]
+        rows.append((tuple(context), continuation))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (context, _) in enumerate(rows):
+        groups.setdefault(context, []).append(i)
+    # Longest first: batches hold similar lengths, and a too-long request fails at the first batch.
+    order = sorted(groups, key=lambda c: -(len(c) + max(len(rows[i][1]) for i in groups[c])))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    for b0 in range(0, len(order), batch_size):
-        idx = order[b0:b0 + batch_size]
-        T = max(len(rows[i][0]) for i in idx)
-        tokens = torch.zeros(len(idx), T, dtype=torch.long)
-        for j, i in enumerate(idx):
-            tokens[j, :len(rows[i][0])] = torch.tensor(rows[i][0])
+    batch: list[tuple[int, ...]] = []
+    size = 0
+    for context in order + [None]:
+        if batch and (context is None or size + len(groups[context]) > batch_size):
+            _score_batch(model, batch, [groups[c] for c in batch], rows, results, dtype)
+            if progress is not None:
+                progress(size)
+            batch, size = [], 0
+        if context is not None:
+            batch.append(context)
+            size += len(groups[context])
+    return results
+
+
+def _score_batch(model: LanguageModel, contexts: list[tuple[int, ...]], members: list[list[int]],
+                 rows: list[tuple[tuple[int, ...], list[int]]], results: list[tuple[float, bool]],
+                 dtype: str) -> None:
+    """Scores the requests `members[j]` (indices into `rows`) of each context `contexts[j]`."""
+    device = next(model.parameters()).device
+    if all(len(m) == 1 for m in members):  # nothing shared: one right-padded forward
+        T = max(len(c) + len(rows[m[0]][1]) for c, m in zip(contexts, members))
+        tokens = torch.zeros(len(contexts), T, dtype=torch.long)
+        for j, (c, m) in enumerate(zip(contexts, members)):
+            seq = list(c) + rows[m[0]][1]
+            tokens[j, :len(seq)] = torch.tensor(seq)  # the padding comes after every scored position
         tokens = tokens.to(device)
-        with autocast(device):
+        with autocast(device, dtype):
             logits = model(tokens)
         logp = torch.log_softmax(logits.float(), dim=-1)
-        for j, i in enumerate(idx):
-            seq, first = rows[i]
-            span = slice(first - 1, len(seq) - 1)  # logits at t predict token t + 1
-            target = tokens[j, first:len(seq)]
-            lp = logp[j, span].gather(-1, target[:, None])[:, 0]
-            greedy = bool((logp[j, span].argmax(-1) == target).all())
-            results[i] = (float(lp.sum()), greedy)
-    return results
+        for j, (c, m) in enumerate(zip(contexts, members)):
+            n = len(rows[m[0]][1])
+            span = logp[j, len(c) - 1:len(c) - 1 + n]  # logits at t predict token t + 1
+            target = tokens[j, len(c):len(c) + n]
+            lp = span.gather(-1, target[:, None])[:, 0]
+            results[m[0]] = (float(lp.sum()), bool((span.argmax(-1) == target).all()))
+        return
+    g, C = len(contexts), max(len(c) for c in contexts)
+    flat = [i for m in members for i in m]
+    fork = [j for j, m in enumerate(members) for _ in m]  # request row -> its context row
+    L = max(len(rows[i][1]) for i in flat)
+    cache = model.init_cache(g, max_length=C + L)
+    with autocast(device, dtype):
+        last = model.prefill_many([torch.tensor(c) for c in contexts], cache, list(range(g)))  # (g, V)
+    first = torch.log_softmax(last.float(), dim=-1)  # (g, V): each continuation's first token
+    later = None
+    if L > 1:
+        conts = torch.zeros(len(flat), L - 1, dtype=torch.long)
+        for r, i in enumerate(flat):
+            cont = rows[i][1][:-1]
+            conts[r, :len(cont)] = torch.tensor(cont, dtype=torch.long)  # right padding: never scored
+        with autocast(device, dtype):
+            logits, _ = model(conts.to(device), cache=cache.select(fork))
+        later = torch.log_softmax(logits.float(), dim=-1)  # (R, L - 1, V)
+    for r, i in enumerate(flat):
+        cont = rows[i][1]
+        target = torch.tensor(cont, device=device)
+        logp = first[fork[r]][None] if later is None else torch.cat([first[fork[r]][None], later[r, :len(cont) - 1]])
+        lp = logp.gather(-1, target[:, None])[:, 0]
+        results[i] = (float(lp.sum()), bool((logp.argmax(-1) == target).all()))

@@ -19,6 +19,7 @@ drain.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import threading
@@ -131,12 +132,13 @@ class Request:
     """One generation: prompt ids, sampling settings, and where its events go (`sink`, called
     from the engine thread)."""
 
-    def __init__(self, prompt: list[int], sampling: Sampling, sink: Callable[[Event], None], tokenizer) -> None:
+    def __init__(self, prompt: list[int], sampling: Sampling, sink: Callable[[Event], None], tokenizer,
+                 device: torch.device | str = "cpu") -> None:
         self.id = next(_ids)
         self.prompt, self.sampling, self.sink = prompt, sampling, sink
         self.generator = None
-        if sampling.seed is not None:
-            self.generator = torch.Generator().manual_seed(sampling.seed)
+        if sampling.seed is not None:  # on the model's device: it draws from the logits there
+            self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
         self.text = TextOutput(tokenizer, [i for i in prompt if i != tokenizer.bos_id], sampling.stop)
         self.slot: int | None = None
         self.prefilled = 0
@@ -150,14 +152,18 @@ class Engine:
     """Continuous batching over `max_batch` state slots (see the module docstring).
 
     `submit` (any thread) queues a request or raises QueueFull / BadRequest; `cancel` marks it
-    to leave at the next iteration. `metrics` is an optional `ServeMetrics`."""
+    to leave at the next iteration. `metrics` is an optional `ServeMetrics`. With
+    `background=False` no engine thread starts: the caller runs `run_until_idle()` (offline
+    batch work such as the lm-eval adapter; keeping every model call in the thread that ran
+    the model before avoids a second OpenMP thread team competing for the cores)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 64, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, chunk_tokens: int = 512, max_length: int | None = None,
-                 metrics=None, precision=None, prefix_cache_bytes: int = 0) -> None:
+                 metrics=None, precision=None, prefix_cache_bytes: int = 0, background: bool = True) -> None:
         if max_batch < 1 or max_queue < 0 or chunk_tokens < 1:
             raise ValueError("max_batch and chunk_tokens must be >= 1, max_queue >= 0")
         self.model, self.tok, self.metrics = model.eval(), tokenizer, metrics
+        self.device = next(model.parameters()).device
         self.precision = precision  # an autocast context entered by the engine thread (None: fp32)
         self.max_batch, self.max_queue, self.chunk_tokens = max_batch, max_queue, chunk_tokens
         cfg = model.config
@@ -173,8 +179,10 @@ class Engine:
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.cond = threading.Condition()
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="griffinlm-engine", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
+        if background:
+            self.thread = threading.Thread(target=self._run, name="griffinlm-engine", daemon=True)
+            self.thread.start()
 
     # --- called from other threads -----------------------------------------------------------
     def submit(self, prompt: list[int], sampling: Sampling, sink: Callable[[Event], None]) -> Request:
@@ -189,7 +197,7 @@ class Engine:
         if self.global_attention and len(prompt) + sampling.max_tokens > self.max_length:
             raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds this "
                              f"model's context of {self.max_length} tokens", "max_tokens")
-        req = Request(prompt, sampling, sink, self.tok)
+        req = Request(prompt, sampling, sink, self.tok, self.device)
         with self.cond:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
@@ -212,7 +220,15 @@ class Engine:
             for r in self.queue:
                 r.cancelled = True
             self.cond.notify()
-        self.thread.join(timeout)
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def run_until_idle(self) -> None:
+        """Runs the scheduler in the calling thread until no request is queued or running (an
+        engine made with background=False: the caller's thread does all the model's work)."""
+        with torch.no_grad(), (self.precision or contextlib.nullcontext()):
+            while self.queue or self.prefilling or self.decoding:
+                self._iteration()
 
     def active(self) -> int:
         return self.max_batch - len(self.free)
@@ -245,6 +261,7 @@ class Engine:
                 self.prefilling.append(req)
         self._gauges()
         budget = self.chunk_tokens
+        chunks: list[tuple[Request, int]] = []  # this iteration's prompt chunks, oldest request first
         for req in list(self.prefilling):
             if budget <= 0:
                 break
@@ -254,20 +271,33 @@ class Engine:
             # chunks end on multiples of chunk_tokens (where prefix snapshots are taken)
             boundary = (req.prefilled // self.chunk_tokens + 1) * self.chunk_tokens
             n = min(budget, boundary - req.prefilled, len(req.prompt) - req.prefilled)
+            chunks.append((req, n))
+            budget -= n
+        # First chunks of fresh slots go through the model together (`prefill_many`: left-padded);
+        # a global-attention slot keeps its room for real tokens, so it prefills alone.
+        fresh = [(r, n) for r, n in chunks if r.prefilled == 0] if not self.global_attention else []
+        if len(fresh) < 2:
+            fresh = []
+        else:
+            try:
+                last = self.model.prefill_many([torch.tensor(r.prompt[:n]) for r, n in fresh], self.cache,
+                                               [r.slot for r, _ in fresh])
+            except Exception:  # one bad request must not fail the others: run them one by one
+                fresh = []
+            else:
+                for (req, n), logits in zip(fresh, last):
+                    self._prefilled(req, n, logits)
+        done = {id(r) for r, _ in fresh}
+        for req, n in chunks:
+            if id(req) in done:
+                continue
             chunk = torch.tensor(req.prompt[req.prefilled:req.prefilled + n])
             try:
                 logits = self.model.prefill(chunk, self.cache, req.slot, last_only=True)
             except Exception as e:  # this request fails; the others go on
                 self._fail(req, e)
                 continue
-            req.prefilled += n
-            budget -= n
-            if self.prefixes is not None and req.prefilled % self.chunk_tokens == 0 and req.prefilled < len(req.prompt):
-                self.prefixes.put(PrefixCache.key(req.prompt[:req.prefilled]), self.cache.snapshot(req.slot))
-            if req.prefilled == len(req.prompt):
-                self.prefilling.remove(req)
-                self.decoding.append(req)
-                self._emit(req, logits)
+            self._prefilled(req, n, logits)
         rows = []
         for req in list(self.decoding):
             if req.cancelled:
@@ -289,6 +319,16 @@ class Engine:
         greedy = logits.argmax(-1).tolist()
         for i, (r, row) in enumerate(zip(rows, logits)):
             self._emit(r, row, greedy[i] if r.sampling.temperature == 0 else None)
+
+    def _prefilled(self, req: Request, n: int, logits: torch.Tensor) -> None:
+        """Bookkeeping after `n` more prompt tokens of `req` went in (`logits`: the last one's)."""
+        req.prefilled += n
+        if self.prefixes is not None and req.prefilled % self.chunk_tokens == 0 and req.prefilled < len(req.prompt):
+            self.prefixes.put(PrefixCache.key(req.prompt[:req.prefilled]), self.cache.snapshot(req.slot))
+        if req.prefilled == len(req.prompt):
+            self.prefilling.remove(req)
+            self.decoding.append(req)
+            self._emit(req, logits)
 
     def _restore_prefix(self, req: Request) -> None:
         """Puts the longest kept prefix of the prompt (a multiple of chunk_tokens, shorter than the

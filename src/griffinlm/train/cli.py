@@ -135,7 +135,7 @@ def run_train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:  # a step cut midway is not saved; the last checkpoint is intact
-        print(f"\ninterrupted; continue from the last checkpoint with the same command plus --resume",
+        print("\ninterrupted; continue from the last checkpoint with the same command plus --resume",
               file=sys.stderr)
         return 130
     r = summary["held_out"]
@@ -148,30 +148,78 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {value!r}")
+    return n
+
+
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Registers `eval` on an argparse sub-parser collection; sets func=run_eval."""
     p = subparsers.add_parser(
-        "eval", help="held-out bits per byte of a checkpoint (prints JSON)",
+        "eval", help="held-out bits per byte of a checkpoint (JSON), or lm-eval tasks with --tasks",
         description="Evaluate a checkpoint on a corpus and print JSON with bits_per_byte and loss "
-                    "(nats per token).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "(nats per token). With --tasks: run lm-evaluation-harness tasks (needs the eval "
+                    "extra), print its results table and write its JSON under --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
     p.add_argument("--data", default=None, help="'stdlib', a path, or synthetic:TASK (as for train); "
                                                 "unset: the data the checkpoint was trained on")
     p.add_argument("--split", choices=("val", "train"), default="val", help="held-out (val) or training split")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; unset: the training seq-len")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_batch_size, default=8,
+                   help="sequences per forward (with --tasks also auto: measured)")
     p.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many sequences")
     p.add_argument("--text-field", default=None, help="JSONL field holding the text; unset: as trained")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and numba")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="GEMM precision (auto: bf16 on GPU, fp32 on CPU; bf16 on CPU needs native bf16)")
     p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
                    help="weight-only quantization of the projections and embedding (RG-LRU, norms, state stay fp32)")
+    h = p.add_argument_group("lm-evaluation-harness (pip install 'griffinlm[eval]')")
+    h.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="harness task names, task YAML files or a directory of YAML files")
+    h.add_argument("--include-path", default=None, help="a directory of extra task YAMLs")
+    h.add_argument("--num-fewshot", type=int, default=None)
+    h.add_argument("--limit", type=float, default=None, help="examples per task (a count, or a fraction < 1)")
+    h.add_argument("--log-samples", action="store_true", help="also write every sample's inputs and outputs")
+    h.add_argument("--seed", type=int, default=None, help="harness seeds and the sampling seed (default: lm-eval's)")
+    h.add_argument("--gen-kwargs", default=None, help="generation overrides, e.g. temperature=0.8,top_p=0.95")
+    h.add_argument("--out", default=None, help="directory for the harness's results JSON (and samples)")
     p.set_defaults(func=run_eval)
     return p
 
 
+def _run_tasks(args: argparse.Namespace) -> int:
+    from ..evaluate.lm_eval_adapter import harness_args, run_harness
+
+    try:
+        argv = harness_args(args.checkpoint, args.tasks, include_path=args.include_path,
+                            num_fewshot=args.num_fewshot, limit=args.limit, batch_size=str(args.batch_size),
+                            device=args.device, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
+                            seed=args.seed, log_samples=args.log_samples, output_path=args.out,
+                            gen_kwargs=args.gen_kwargs)
+        return run_harness(argv)
+    except (ImportError, ValueError, FileNotFoundError, RuntimeError) as e:
+        return _fail(str(e))
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        return _run_tasks(args)
+    if args.batch_size == "auto":
+        return _fail("--batch-size auto is for --tasks; give a number for bits per byte")
+    if args.threads:
+        from ..evaluate.cli import set_threads
+
+        set_threads(args.threads)
     from ..checkpoint import CheckpointError, load_model
     from ..data import PackedSequences, eval_batches, load_tokenizer, open_corpus
     from .data import SYNTHETIC_PREFIX, open_run_data
