@@ -5,6 +5,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 
 
 def add_serve_parser(subparsers) -> None:
@@ -58,17 +59,40 @@ def _run_serve(args: argparse.Namespace) -> int:
 
         quantize_(model, args.quantize)
     metrics = ServeMetrics()
+    # The engine runs in this (main) thread, which loaded the model: every torch op stays on one
+    # OpenMP thread team (a second thread's ops ran 1.2-1.8x slower here, BENCHMARKS.md), and
+    # HTTP runs in a thread of its own.
     engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_prompt_tokens=args.max_prompt_tokens, chunk_tokens=args.chunk_tokens, metrics=metrics,
-                    precision=precision, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+                    precision=precision, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), background=False)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
-    app = create_app(engine, name, metrics)
-    # uvicorn drains on SIGTERM (stops accepting, lets open streams finish within the grace
-    # period), then raises the signal again for the previous handler: this one makes that a
-    # clean exit 0 rather than death by signal.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
-    finally:
-        engine.stop()
-    return 0
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, name, metrics), host=args.host, port=args.port,
+                                           log_level="info", timeout_graceful_shutdown=30))
+    status = {"code": 0}
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        except SystemExit as e:  # uvicorn exits on a startup failure (e.g. the port is taken)
+            status["code"] = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            status["code"] = 1
+            raise
+        finally:
+            engine.stop()  # ends engine.run() below
+
+    def drain(*_) -> None:
+        # as uvicorn does on SIGTERM/SIGINT: stop accepting, let open streams finish (30 s grace)
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    http = threading.Thread(target=serve_http, name="griffinlm-http", daemon=True)
+    http.start()
+    engine.run()
+    http.join(timeout=5)
+    if not server.started and status["code"] == 0:
+        status["code"] = 1
+    return status["code"]

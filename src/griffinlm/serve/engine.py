@@ -153,9 +153,10 @@ class Engine:
 
     `submit` (any thread) queues a request or raises QueueFull / BadRequest; `cancel` marks it
     to leave at the next iteration. `metrics` is an optional `ServeMetrics`. With
-    `background=False` no engine thread starts: the caller runs `run_until_idle()` (offline
-    batch work such as the lm-eval adapter; keeping every model call in the thread that ran
-    the model before avoids a second OpenMP thread team competing for the cores)."""
+    `background=False` no engine thread starts: the caller runs `run()` (the server's main
+    thread) or `run_until_idle()` (offline batch work such as the lm-eval adapter); keeping
+    every model call in the thread that ran the model before avoids a second OpenMP thread
+    team competing for the cores."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 64, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, chunk_tokens: int = 512, max_length: int | None = None,
@@ -222,6 +223,13 @@ class Engine:
             self.cond.notify()
         if self.thread is not None:
             self.thread.join(timeout)
+
+    def run(self) -> None:
+        """The scheduler loop in the calling thread, until `stop()` (from another thread) and
+        the running requests have finished (an engine made with background=False)."""
+        if self.thread is not None:
+            raise RuntimeError("this engine already runs in its own thread")
+        self._run()
 
     def run_until_idle(self) -> None:
         """Runs the scheduler in the calling thread until no request is queued or running (an
