@@ -10,7 +10,7 @@ fresh subprocess. Memory is not measured here: the blocked path allocates O(T (w
 block)) for its key blocks and a mask of the first window's blocks only (a (T, window + block)
 one with documents), the dense one a (T, T) mask. `--block-sweep` times the blocked path's
 query block length over windows and head counts, all blocks interleaved in one process
-(`MQA_BLOCK` and `MHA_BLOCK` in `griffinlm/ops/local_attention.py` were chosen from it).
+(`MQA_BLOCK` and `MHA_BLOCK` in `griffinlm/ops/attention/__init__.py` were chosen from it).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from griffinlm.ops import linear_scan, linear_scan_reference
-from griffinlm.ops.linear_scan import available_impls
+from griffinlm.ops.scan import available_impls
 
 
 def best_time(fn, repeats: int) -> float:
@@ -61,12 +61,12 @@ def bench_shape(B: int, T: int, D: int, repeats: int, loop_T: int, loop_full: bo
         # tens of MB is mmap'ed by glibc and page-faulted on first touch, which the end-to-end
         # rows above pay on every call (4 KiB at a time unless THP_MEM_ALLOC_ENABLE=1, which
         # importing griffinlm sets by default).
-        from griffinlm.ops import scan_numba
+        from griffinlm.ops.numba_common import chunk_size
+        from griffinlm.ops.scan.numba import fwd as kfwd
 
-        kfwd, _ = scan_numba.kernels()
         a32, x32 = a.detach().numpy(), x.detach().numpy()
         h, h_last = np.empty((B, T, D), np.float32), np.empty((B, D), np.float32)
-        chunk = scan_numba.chunk_size(B, D)
+        chunk = chunk_size(B, D)
         t_kernel = best_time(lambda: kfwd(a32, x32, h_last, False, h, h_last, chunk), repeats)
         rows.append(dict(impl="numba kernel only, preallocated output (fwd)", fwd=t_kernel, fwd_bwd=float("nan"),
                          copy=copy_seconds(B, T, D, repeats), extrapolated=False))

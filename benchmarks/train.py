@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         res["mfu_bf16_best_vs_fp32_rate"] = flops_per_token * max(rates["griffin-512x6 bf16"]) / peak
         res["bf16_over_fp32_median"] = statistics.median(
             [a / b for a, b in zip(rates["griffin-512x6 bf16"], rates["griffin-512x6"])])
-    print(f"\n| model | non-embedding params | tokens/s (median) | tokens/s (best) |\n|---|---|---|---|")
+    print("\n| model | non-embedding params | tokens/s (median) | tokens/s (best) |\n|---|---|---|---|")
     for n in trainers:
         print(f"| {n} | {res['params'][n]:,} | {res['tokens_per_s_median'][n]:.0f} | {res['tokens_per_s_best'][n]:.0f} |")
     print(f"\ngriffin-tiny / transformer-tiny at T={T}: {res['griffin_over_transformer_median']:.2f}x (median of "

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from griffinlm import LanguageModel, ModelConfig
-from griffinlm.ops import decode_step, scan_numba
+from griffinlm.ops import decode_step, numba_common
 
-needs_numba = pytest.mark.skipif(not scan_numba.available(), reason="numba not installed")
+needs_numba = pytest.mark.skipif(not numba_common.available(), reason="numba not installed")
 
 SMALL = dict(width=64, depth=3, num_heads=4, local_window=8, vocab_size=97)
 
@@ -227,7 +227,7 @@ def test_without_numba_decoding_and_fused_ops_use_torch(monkeypatch):
             raise ModuleNotFoundError("No module named 'numba'")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(scan_numba, "available", lambda: False)
+    monkeypatch.setattr(numba_common, "available", lambda: False)
     monkeypatch.setattr(builtins, "__import__", no_numba)
     cfg = CONFIGS["griffin"]
     model = make_model(cfg, seed=7)

@@ -186,3 +186,45 @@ def test_recurrentgemma_loads_straight_into_quantized_weights(tmp_path, hf_dir, 
     assert loaded.quantization == mode
     with torch.no_grad():
         assert torch.equal(loaded(tokens), got)
+
+
+def test_one_loader_reads_every_kind_of_directory(tmp_path, hf_dir):
+    """`griffinlm.load`: a RecurrentGemma directory, its conversion (also once moved elsewhere, so
+    the recorded tokenizer path points nowhere) and a weights directory all give the same model
+    and tokenizer; bad directories are named."""
+    import shutil
+
+    from griffinlm import load
+    from griffinlm.checkpoint import CheckpointError
+
+    hf, src = hf_dir
+    _write_tokenizer(src)
+    prompt = torch.tensor([[2, 4, 5, 6]])
+    with torch.no_grad():
+        want = hf(prompt, use_cache=False).logits
+    assert main(["convert", "--from-hf", src, "--out", str(tmp_path / "run")]) == 0
+    moved = shutil.move(str(tmp_path / "run"), str(tmp_path / "moved"))
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    model, _ = load(src)
+    (weights / "config.json").write_text(json.dumps(model.config.to_dict()))
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                str(weights / "model.safetensors"))
+    shutil.copy(os.path.join(src, "tokenizer.json"), weights / "tokenizer.json")
+    for path in (src, moved, os.path.join(moved, "checkpoints", "step_00000000"), weights):
+        model, tok = load(path)
+        assert [int(i) for i in tok.encode("the cat")] == [4, 5], path
+        with torch.no_grad():
+            assert (model(prompt) - want).abs().max() < 1e-4, path
+    loaded, _ = load(weights, dtype=torch.float64)
+    assert next(loaded.parameters()).dtype == torch.float64
+    q, _ = load(src, quantize="int8")
+    assert getattr(q, "quantization", None) == "int8"
+    os.remove(weights / "tokenizer.json")  # falls back to bytes: 259 ids for a 40-id model
+    with pytest.raises(ValueError, match="tokenizer has 259 tokens but the model's vocab_size is 40"):
+        load(weights)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        load(tmp_path / "empty")

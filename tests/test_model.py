@@ -197,12 +197,12 @@ def test_float32_fast_paths_match_float64_model(arch, packed, monkeypatch):
     if packed:
         seg = torch.cat([torch.arange(120), torch.arange(180)])[None].expand(2, -1)
     ref = m64(x, segment_pos=seg)
-    from griffinlm.ops import scan_numba
+    from griffinlm.ops import numba_common
 
-    before = dict(scan_numba.FUSED_CALLS)
+    before = dict(numba_common.FUSED_CALLS)
     with_grad = m32(x, segment_pos=seg)
-    if scan_numba.available():  # the fast paths ran (the float64 model takes none of them)
-        ran = {k for k, v in scan_numba.FUSED_CALLS.items() if v > before.get(k, 0)}
+    if numba_common.available():  # the fast paths ran (the float64 model takes none of them)
+        ran = {k for k, v in numba_common.FUSED_CALLS.items() if v > before.get(k, 0)}
         want = {"rms_norm", "gated_activation"} | ({"causal_conv1d", "rglru", "block_diagonal_linear"}
                                                    if arch != "transformer" else set())
         assert want <= ran, want - ran

@@ -176,3 +176,29 @@ def test_tp_degree_not_dividing_heads_or_gate_blocks_is_refused(two_ranks):
 def test_fsdp_plus_tp_on_a_2x2_mesh(tmp_path, reference):
     spawn(_worker, 4, str(tmp_path), {"fsdp+tp 2x2": (2, True)}, False)
     _check_same_as_one_process(torch.load(tmp_path / "results.pt", weights_only=True)["fsdp+tp 2x2"], reference)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_tp_split_parameters_come_from_the_plan(kv_heads):
+    """`griffinlm plan` counts TP-split parameters from the plan `apply_tensor_parallel` applies."""
+    from griffinlm.parallel.plan import count_params
+    from griffinlm.parallel.tensor_parallel import split_parameters
+
+    cfg = ModelConfig.preset("griffin-tiny", width=64, depth=3, num_heads=4, num_kv_heads=kv_heads,
+                             mlp_activation="swiglu", mlp_bias=True, attention_out_bias=True)
+    with torch.device("meta"):
+        model = LanguageModel(cfg)
+    split = split_parameters(model)
+    names = dict(model.named_parameters())
+    assert "embed.weight" not in split and not any(n.endswith("norm.weight") for n in split)
+    for n in names:
+        if n.endswith(("linear_out.bias", "o_proj.bias", "down_proj.bias")):
+            assert n not in split, n
+        if n.endswith(("q_proj.weight", "gate_proj.weight", "up_proj.weight", "linear_x.weight", "conv1d.weight",
+                       "rg_lru.lambda_", "rg_lru.gate_r_weight", "o_proj.weight", "down_proj.weight")):
+            assert n in split, n
+        if ".k_proj." in n or ".v_proj." in n:
+            assert (n in split) == (kv_heads > 1), n
+    counts = count_params(cfg)
+    assert counts.tp_split == sum(names[n].numel() for n in split)
+    assert counts.total == sum(p.numel() for p in names.values())

@@ -9,12 +9,12 @@ import torch
 
 from griffinlm import LanguageModel, ModelConfig
 from griffinlm.checkpoint import CheckpointError
-from griffinlm.ops import decode_step, scan_numba
+from griffinlm.ops import decode_step, numba_common
 from griffinlm.ops.gemm_backend import GEMM_CALLS
 from griffinlm.ops.quantized import QuantizedWeight, quantized_linear, quantized_linear_reference
 from griffinlm.quantize import quantize_, save_quantized
 
-needs_numba = pytest.mark.skipif(not scan_numba.available(), reason="numba not installed")
+needs_numba = pytest.mark.skipif(not numba_common.available(), reason="numba not installed")
 SMALL = dict(width=64, depth=3, num_heads=2, local_window=8, vocab_size=259)
 ARCHS = {a: ModelConfig.preset(f"{a}-tiny", **SMALL) for a in ("griffin", "hawk", "transformer")}
 TOL = {"int8": 2e-2, "bf16": 1e-2}  # largest logit error relative to the largest |logit|
@@ -46,7 +46,7 @@ def test_quantized_weight_round_trip_and_products(mode):
         with torch.no_grad():
             y = quantized_linear(x, q, b)
         ref = quantized_linear_reference(x, q, b)  # the dequantized fp32 product
-        stream = rows <= 6 and scan_numba.available()
+        stream = rows <= 6 and numba_common.available()
         assert rel(y, ref) < (1e-5 if stream else 1e-2), rows
         assert sum(v for k, v in GEMM_CALLS.items() if k.startswith("quantized_stream")) == int(stream)
 
@@ -121,9 +121,9 @@ def test_trained_model_greedy_tokens_identical_and_save_load_exact(tmp_path, mon
         assert torch.equal(q.generate(prompt, 32)[0], want), mode
         out = tmp_path / f"q-{mode}"
         save_quantized(q, str(out))
-        from griffinlm.inference.text import load_for_inference
+        from griffinlm import load
 
-        loaded, _ = load_for_inference(str(out))
+        loaded, _ = load(str(out))
         assert getattr(loaded, "quantization", None) == mode
         tokens = torch.randint(0, 259, (2, 16))
         with torch.no_grad():

@@ -15,7 +15,7 @@ from griffinlm.checkpoint import CheckpointError
 from griffinlm.ops.gemm_backend import GEMM_CALLS, native_bf16
 from griffinlm.data import ByteTokenizer, PackedSequences, eval_batches, open_corpus
 from griffinlm.train import TrainConfig, Trainer, decay_groups, evaluate, lr_at, make_optimizer
-from griffinlm.train.cli import main as cli_main
+from griffinlm.cli import main as cli_main
 from griffinlm.train.records import read_metrics
 
 TINY = dict(width=32, depth=3, num_heads=2, local_window=8, mlp_expansion=2.0)
@@ -156,7 +156,7 @@ def test_sigkilled_run_resumes_exactly(corpus_dir, tmp_path):
             "--threads", "1", "--no-plot"]
 
     def train(out, *extra):
-        cmd = [sys.executable, "-m", "griffinlm.train.cli", "train", *args, "--out", out, *extra]
+        cmd = [sys.executable, "-m", "griffinlm", "train", *args, "--out", out, *extra]
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
@@ -200,7 +200,7 @@ def test_cli_errors_and_eval(corpus_dir, tmp_path, capsys):
     assert result["bits_per_byte"] == pytest.approx(summary["held_out"]["bits_per_byte"], rel=1e-5)
     assert result["loss"] == pytest.approx(summary["held_out"]["loss"], rel=1e-5)
     assert cli_main(["eval", "--checkpoint", str(tmp_path / "nothing"), "--data", corpus_dir]) == 2
-    assert "no checkpoint found" in capsys.readouterr().err
+    assert "checkpoint directory not found" in capsys.readouterr().err
     for cmd in ("train", "eval"):
         with pytest.raises(SystemExit) as e:
             cli_main([cmd, "--help"])
@@ -251,3 +251,27 @@ def test_bf16_is_refused_on_a_cpu_without_it(corpus_dir, tmp_path, monkeypatch, 
         run_cfg(corpus_dir, dtype="fp8")
     assert cli_main(["eval", "--checkpoint", str(tmp_path / "x"), "--dtype", "bf16", "--device", "cpu"]) == 2
     assert "dtype bf16 needs native bf16" in capsys.readouterr().err
+
+
+def test_train_flags_come_from_train_config():
+    """Every TrainConfig field is a `griffinlm train` flag with help text, and the parsed flags
+    build the config back (one source of truth)."""
+    import argparse
+    import dataclasses
+
+    from griffinlm.cli_settings import settings_from_args
+    from griffinlm.train.cli import add_train_parser
+    from griffinlm.train.config import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers())
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values())
+    dests = {a.dest: a for a in train._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in dests and dests[f.name].help, f.name
+    args = parser.parse_args(["train", "--eps", "1e-6", "--no-plot", "--temperature", "0.3", "--warmup-steps", "5",
+                              "--grad-checkpointing", "--dtype", "fp32"])
+    cfg = settings_from_args(TrainConfig, args)
+    assert (cfg.eps, cfg.plot, cfg.sample_temperature, cfg.warmup_steps) == (1e-6, False, 0.3, 5)
+    assert cfg.grad_checkpointing and cfg.dtype == "fp32" and cfg.progress
+    assert settings_from_args(TrainConfig, parser.parse_args(["train"])) == TrainConfig()

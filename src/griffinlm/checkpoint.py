@@ -44,7 +44,8 @@ def _safetensors():
     return st
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file (the manifest's checksum)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -65,7 +66,8 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json_durable(path: str, obj: Any) -> None:
+    """Writes JSON and fsyncs it (a checkpoint's trainer.json)."""
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
@@ -143,16 +145,16 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: 
     tmp = os.path.join(root, f".tmp-step_{step:08d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    _write_json(os.path.join(tmp, "config.json"), model.config.to_dict())
+    write_json_durable(os.path.join(tmp, "config.json"), model.config.to_dict())
     save_weights_file(model, os.path.join(tmp, "model.safetensors"))
     opt_tensors, groups = _optimizer_to_parts(optimizer)
     rng_tensors, rng_scalars = rng_state()
     st.save_file({**opt_tensors, **rng_tensors}, os.path.join(tmp, "state.safetensors"))
     for name in ("model.safetensors", "state.safetensors"):
         _fsync_file(os.path.join(tmp, name))
-    manifest = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": _sha256(os.path.join(tmp, name))}
+    manifest = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": file_sha256(os.path.join(tmp, name))}
                 for name in _TENSOR_FILES}
-    _write_json(os.path.join(tmp, "trainer.json"), {
+    write_json_durable(os.path.join(tmp, "trainer.json"), {
         "format": FORMAT_VERSION, "step": step, "optimizer_param_groups": groups, "rng": rng_scalars,
         "manifest": manifest, **trainer_state})
     _fsync_dir(tmp)
@@ -215,7 +217,7 @@ def read_checkpoint(path: str, verify: bool = True) -> Checkpoint:
         size, want = os.path.getsize(fp), manifest[name]["bytes"]
         if size != want:
             raise CheckpointError(f"corrupt checkpoint file {fp}: {size} bytes, expected {want} (truncated?)")
-        if verify and _sha256(fp) != manifest[name]["sha256"]:
+        if verify and file_sha256(fp) != manifest[name]["sha256"]:
             raise CheckpointError(f"corrupt checkpoint file {fp}: sha256 does not match the manifest")
     try:
         with open(os.path.join(path, "config.json")) as f:
@@ -238,6 +240,20 @@ def resolve_checkpoint(path: str) -> str:
         raise CheckpointError(f"no checkpoint found in {path} (expected {checkpoint_dir(path)}/step_*/ "
                               f"or a checkpoint directory holding trainer.json)")
     return found[-1]
+
+
+def read_trainer(path: str) -> tuple[str, dict]:
+    """(checkpoint directory, its trainer.json) for a run or checkpoint directory; (path, {}) for
+    a directory that holds no checkpoint (a weights or RecurrentGemma directory)."""
+    try:
+        path = resolve_checkpoint(path)
+    except CheckpointError:
+        return path, {}
+    try:
+        with open(os.path.join(path, "trainer.json")) as f:
+            return path, json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt checkpoint file {os.path.join(path, 'trainer.json')}: {e}") from None
 
 
 def check_config(saved: ModelConfig, wanted: ModelConfig, where: str) -> None:

@@ -7,10 +7,25 @@ unscaled input at resets), so a converted checkpoint is just another config.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 from typing import Any
 
-BLOCK_TYPES = ("recurrent", "attention", "global_attention")
+
+class BlockKind(str, enum.Enum):
+    """The temporal-mixing layer of a residual block. The values are the strings of
+    `ModelConfig.block_pattern` (and compare equal to them); what each kind builds and how it
+    is costed and sharded is its entry in `griffinlm.layers.blocks.BLOCK_SPECS`."""
+
+    RECURRENT = "recurrent"  # conv + RG-LRU (the recurrent block of Hawk and Griffin)
+    ATTENTION = "attention"  # local multi-query attention over a sliding window
+    GLOBAL_ATTENTION = "global_attention"  # multi-query attention over the whole prefix
+
+    def __str__(self) -> str:
+        return self.value
+
+
+BLOCK_TYPES = tuple(k.value for k in BlockKind)
 MLP_ACTIVATIONS = ("glu", "bilinear", "reglu", "geglu", "swiglu", "relu", "gelu", "swish")
 GATED_ACTIVATIONS = ("glu", "bilinear", "reglu", "geglu", "swiglu")
 EMBED_SCALES = ("none", "sqrt", "sqrt_bf16")
@@ -141,9 +156,9 @@ class ModelConfig:
         return self.local_window if self.window_includes_current else self.local_window + 1
 
     @property
-    def block_types(self) -> tuple[str, ...]:
-        """The temporal-mixing type of each of the `depth` blocks."""
-        return tuple(self.block_pattern[i % len(self.block_pattern)] for i in range(self.depth))
+    def block_types(self) -> tuple[BlockKind, ...]:
+        """The temporal-mixing kind of each of the `depth` blocks."""
+        return tuple(BlockKind(self.block_pattern[i % len(self.block_pattern)]) for i in range(self.depth))
 
     # --- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -174,15 +174,15 @@ class LanguageModel(nn.Module, GenerationMixin):
         return torch.cat(rows), cache
 
     def _forward(self, tokens: torch.Tensor, pos: Positions, cache: ModelCache | None = None,
-                 offset: int = 0, last_only: bool = False) -> torch.Tensor:
-        """(B, T) ids -> (B, T, V) logits through every block (with a cache: after `offset` tokens);
+                 last_only: bool = False) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) logits through every block (with a cache: after `pos.offset` tokens);
         `last_only`: the last position's only, (B, 1, V) (a prefill needs no more)."""
         x = self._embed(tokens)  # (B, T, D)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, pos, use_reentrant=False)
             else:
-                x = block(x, pos, None if cache is None else cache.blocks[i], offset)
+                x = block(x, pos, None if cache is None else cache.blocks[i])
         return self._logits(x[:, -1:] if last_only else x)
 
     def _chunk(self, tokens: torch.Tensor, cache: ModelCache, offset: int,
@@ -191,7 +191,7 @@ class LanguageModel(nn.Module, GenerationMixin):
         (with `last_only`: (B, 1, V))."""
         B, T = tokens.shape
         pos = Positions.build(B, T, offset, tokens.device, segment_pos, cache.doc_start)
-        logits = self._forward(tokens, pos, cache, offset, last_only)
+        logits = self._forward(tokens, pos, cache, last_only)
         cache.positions.fill_(offset + T)
         cache.doc_start.copy_(pos.doc_start[:, -1])
         return logits

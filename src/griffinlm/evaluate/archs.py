@@ -3,6 +3,7 @@ GLU-variant family at equal parameter count, and a training-FLOPs estimate."""
 from __future__ import annotations
 
 from ..config import GATED_ACTIVATIONS, ModelConfig
+from ..layers.blocks import block_spec
 from ..model import LanguageModel
 
 ARCHS = ("transformer", "hawk", "griffin")
@@ -76,8 +77,7 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     attn = 0.0
     heads_dim = cfg.num_heads * cfg.resolved_head_dim
     for kind in cfg.block_types:
-        if kind == "global_attention":
-            attn += 2 * 2 * heads_dim * mean_visible_keys(seq_len, None)
-        elif kind == "attention":
-            attn += 2 * 2 * heads_dim * mean_visible_keys(seq_len, cfg.attention_keys)
+        spec = block_spec(kind)
+        if spec.is_attention:
+            attn += 2 * 2 * heads_dim * mean_visible_keys(seq_len, spec.attention_keys(cfg))
     return 6.0 * matmul_params + 3.0 * attn

@@ -119,7 +119,7 @@ def _command(args: argparse.Namespace, extra: list[str]) -> str:
 def _run_study(args: argparse.Namespace) -> int:
     import importlib
 
-    from ..train.cli import parse_overrides
+    from ..cli_settings import parse_overrides
 
     overrides = parse_overrides(args.set)
     module, fn, _ = STUDIES[args.study]
@@ -141,10 +141,10 @@ def _run_multiple_choice(args: argparse.Namespace) -> int:
     extra = (["--checkpoint", args.checkpoint] if args.checkpoint else ["--model", args.model]) + ["--tasks", *args.tasks]
     ctx = _context(args, _command(args, extra))
     if args.checkpoint:
-        from ..checkpoint import load_model
-        model, ckpt = load_model(args.checkpoint, ctx.device)
-        tok = load_tokenizer(ckpt.trainer.get("tokenizer") or "byte")
-        name = f"{args.checkpoint} (step {ckpt.step})"
+        from ..loading import load
+
+        model, tok = load(args.checkpoint, ctx.device)
+        name = args.checkpoint
     else:
         import torch
 

@@ -19,7 +19,7 @@ from ..precision import autocast
 from .archs import ARCH_LABELS, ARCHS, matched_archs
 from .report import md_table, pyplot, write_report
 from .study import StudyContext, resolve_settings, settings_dict
-from .training import TrainSpec, train_model
+from .training import run_key, study_settings, train_model
 
 NAME = "copy-retrieval"
 TASKS = ("selective_copying", "induction_heads", "phonebook")
@@ -104,7 +104,7 @@ def run_copy_retrieval(ctx: StudyContext, budget: str = "small", overrides: dict
     s = resolve_settings(BUDGETS, budget, overrides)
     vocab = 259  # the byte vocabulary: the phonebook needs it, and every run keeps the same embedding
     configs = matched_archs(s.archs, s.width, s.depth, s.num_heads, s.local_window, vocab_size=vocab)
-    spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed)
+    spec = study_settings(s.steps, s.batch_size, s.lr, s.seed)
     every = s.eval_every or max(1, s.steps // 8)
     results: dict[str, dict[str, dict]] = {}
     for task_name in s.tasks:
@@ -114,7 +114,7 @@ def run_copy_retrieval(ctx: StudyContext, budget: str = "small", overrides: dict
         for arch in s.archs:
             cfg = configs[arch]
             key = {"study": NAME, "task": task_name, "task_settings": task_settings(s, task_name), "arch": arch,
-                   "model": cfg.to_dict(), "train": spec.to_dict(), "eval_every": every,
+                   "model": cfg.to_dict(), "train": run_key(spec), "eval_every": every,
                    "eval_examples": s.eval_examples,
                    "tests": {str(f): task_settings(s, task_name, f) for f in s.test_factors}}
 

@@ -20,7 +20,7 @@ from .archs import ARCH_LABELS, ARCHS, matched_archs
 from .report import md_table, pyplot, write_report
 from .scoring import chunked_token_nats
 from .study import StudyContext, resolve_settings, settings_dict
-from .training import TrainSpec, train_model
+from .training import run_key, study_settings, train_model
 
 LN2 = math.log(2.0)
 NAME = "extrapolation"
@@ -114,11 +114,11 @@ def run_extrapolation(ctx: StudyContext, budget: str = "small", overrides: dict[
     windows = long_windows(corpus.val, max_len, s.eval_windows)
     ctx.log(f"{NAME}: {len(windows)} held-out windows of {max_len} tokens; T_train {T}")
     configs = matched_archs(s.archs, s.width, s.depth, s.num_heads, s.local_window)
-    spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed)
+    spec = study_settings(s.steps, s.batch_size, s.lr, s.seed)
     results: dict[str, dict] = {}
     for arch in s.archs:
         cfg = configs[arch]
-        key = {"study": NAME, "arch": arch, "model": cfg.to_dict(), "train": spec.to_dict(), "data": s.data,
+        key = {"study": NAME, "arch": arch, "model": cfg.to_dict(), "train": run_key(spec), "data": s.data,
                "train_len": T, "eval": {"max_len": max_len, "windows": s.eval_windows, "chunk": chunk,
                                         "edges": edges, "plot_bin": plot_bin}}
 

@@ -15,7 +15,7 @@ from ..train.loop import evaluate
 from .archs import ARCHS, arch_config, glu_variant_config
 from .report import md_table, pyplot, write_report
 from .study import StudyContext, resolve_settings, settings_dict
-from .training import TrainSpec, train_model
+from .training import run_key, study_settings, train_model
 
 NAME = "glu-variants"
 LEARNED = "_learned"  # suffix of a variant whose Swish beta is a parameter
@@ -87,8 +87,8 @@ def run_glu_variants(ctx: StudyContext, budget: str = "small", overrides: dict[s
         cfg = variant_config(s, variant)
         results[variant] = []
         for seed in s.seeds:
-            spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=seed)
-            key = {"study": NAME, "variant": variant, "model": cfg.to_dict(), "train": spec.to_dict(),
+            spec = study_settings(s.steps, s.batch_size, s.lr, seed)
+            key = {"study": NAME, "variant": variant, "model": cfg.to_dict(), "train": run_key(spec),
                    "data": s.data, "seq_len": s.seq_len, "eval_sequences": s.eval_sequences}
 
             def compute(cfg=cfg, spec=spec, variant=variant) -> dict:

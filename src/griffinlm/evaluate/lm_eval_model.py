@@ -77,14 +77,9 @@ class GriffinLMEval(LM):
             from .cli import set_threads
 
             set_threads(int(threads))
-        from ..inference.text import load_for_inference
+        from ..loading import load
 
-        dev = harness_device(device)
-        model, tok = load_for_inference(str(path), dev, tokenizer)
-        if quantize:
-            from ..quantize import quantize_
-
-            quantize_(model, quantize)
+        model, tok = load(str(path), harness_device(device), tokenizer=tokenizer, quantize=quantize)
         self.path = str(path)
         self.adapter = HarnessAdapter(model, tok, parse_batch_size(batch_size),
                                       int(max_length) if max_length else None,

@@ -14,7 +14,7 @@ from .archs import ARCH_LABELS, ARCHS, matched_archs, training_flops_per_token
 from .powerlaw import fit_power_law, pareto_frontier, power_law
 from .report import md_table, pyplot, write_report
 from .study import StudyContext, resolve_settings, settings_dict
-from .training import TrainSpec, train_model
+from .training import run_key, study_settings, train_model
 
 NAME = "scaling"
 
@@ -57,10 +57,10 @@ def run_scaling(ctx: StudyContext, budget: str = "small", overrides: dict[str, A
         heads = max(1, width // s.head_dim)
         configs = matched_archs(s.archs, width, s.depth, heads, s.local_window)
         for steps in s.steps:
-            spec = TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed)
+            spec = study_settings(steps, s.batch_size, s.lr, s.seed)
             for arch in s.archs:
                 cfg = configs[arch]
-                key = {"study": NAME, "arch": arch, "model": cfg.to_dict(), "train": spec.to_dict(), "data": s.data,
+                key = {"study": NAME, "arch": arch, "model": cfg.to_dict(), "train": run_key(spec), "data": s.data,
                        "seq_len": s.seq_len, "eval_sequences": s.eval_sequences}
 
                 def compute(cfg=cfg, spec=spec, arch=arch, width=width) -> dict:

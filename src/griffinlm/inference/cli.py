@@ -39,18 +39,15 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from ..generate import check_sampling
     from ..precision import autocast
-    from .text import check_stop, load_for_inference, stream_text
+    from ..loading import load
+    from .text import check_stop, stream_text
 
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, args.top_p)
     check_stop(args.stop)
     precision = autocast(torch.device(args.device), args.dtype)  # refuses bf16 where the CPU lacks it
-    model, tok = load_for_inference(args.checkpoint, args.device, args.tokenizer)
-    if args.quantize:
-        from ..quantize import quantize_
-
-        quantize_(model, args.quantize)
+    model, tok = load(args.checkpoint, args.device, tokenizer=args.tokenizer, quantize=args.quantize)
     if args.compile:
         model.compile_decode_step()
     # the arguments (stop strings included) are checked here, before anything is printed

@@ -1,56 +1,13 @@
-"""From a checkpoint directory and a text prompt to streamed text."""
+"""From a model and a text prompt to streamed text (load the model with `griffinlm.load`)."""
 from __future__ import annotations
 
 import codecs
-import json
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..checkpoint import load_weights_file
-from ..config import ModelConfig
 from ..generate import check_sampling
 from ..model import LanguageModel
-
-
-def _read_model_dir(path: str, device: str | torch.device) -> LanguageModel:
-    """A model from a directory holding config.json (a ModelConfig) and model.safetensors."""
-    cfg_path = os.path.join(path, "config.json")
-    with open(cfg_path) as f:
-        raw = json.load(f)
-    try:
-        config = ModelConfig.from_dict(raw)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{cfg_path} is not a griffinlm ModelConfig ({e}); a RecurrentGemma / transformers "
-                         "directory must first be converted with `griffinlm convert`") from None
-    model = LanguageModel(config)
-    load_weights_file(os.path.join(path, "model.safetensors"), model)
-    return model.to(device).eval()
-
-
-def load_for_inference(path: str, device: str | torch.device = "cpu", tokenizer: str | None = None):
-    """(model in eval mode, tokenizer) from a checkpoint directory or a training run directory
-    (its newest checkpoint). The tokenizer is `tokenizer` if given, else the one recorded in
-    the checkpoint's trainer.json, else the byte tokenizer."""
-    from ..data import load_tokenizer
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        from ..checkpoint import resolve_checkpoint
-
-        path = resolve_checkpoint(path)
-    model = _read_model_dir(path, device)
-    spec: str | dict | None = tokenizer
-    trainer_json = os.path.join(path, "trainer.json")
-    if spec is None and os.path.isfile(trainer_json):
-        with open(trainer_json) as f:
-            spec = json.load(f).get("tokenizer")
-    tok = load_tokenizer(spec)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}")
-    return model, tok
 
 
 class TextStreamer:

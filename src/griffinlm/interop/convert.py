@@ -11,10 +11,8 @@ import os
 
 import torch
 
-from ..checkpoint import resolve_checkpoint, save_checkpoint
-from ..config import ModelConfig
-from ..model import LanguageModel
-from .recurrentgemma import DTYPE_NAMES, _assign, empty_model, export_recurrentgemma, load_recurrentgemma
+from ..checkpoint import save_checkpoint
+from .recurrentgemma import DTYPE_NAMES, export_recurrentgemma, load_recurrentgemma
 from .tokenizer import copy_tokenizer_files, find_tokenizer_file, load_tokenizer
 
 
@@ -33,36 +31,6 @@ def convert_from_hf(src: str, out: str, dtype: torch.dtype | str | None = None, 
     # No optimizer state: an SGD over no parameters records nothing but its hyper-parameters.
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     return save_checkpoint(out, 0, model, optimizer, state, keep_last=1)
-
-
-def load_native(path: str, dtype: torch.dtype | None = None) -> tuple[LanguageModel, str]:
-    """(model, directory) from a griffinlm checkpoint (run or checkpoint directory) or any
-    directory with config.json (ModelConfig) + model.safetensors, read tensor by tensor."""
-    from safetensors import safe_open
-
-    directory = path
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        directory = resolve_checkpoint(path)
-    with open(os.path.join(directory, "config.json")) as f:
-        config = ModelConfig.from_dict(json.load(f))
-    model = empty_model(config)
-    params = dict(model.named_parameters())
-    seen = set()
-    with safe_open(os.path.join(directory, "model.safetensors"), framework="pt", device="cpu") as f:
-        unexpected = sorted(set(f.keys()) - set(params))
-        if unexpected:
-            raise ValueError(f"{directory}/model.safetensors has unexpected tensors: {unexpected}")
-        for name in f.keys():
-            t = f.get_tensor(name)
-            if tuple(t.shape) != tuple(params[name].shape):
-                raise ValueError(f"shape mismatch for {name}: checkpoint has {list(t.shape)}, "
-                                 f"config implies {list(params[name].shape)}")
-            _assign(model, name, t.to(dtype=dtype or t.dtype, copy=True))  # own memory, not the file's mmap
-            seen.add(name)
-    missing = sorted(set(params) - seen)
-    if missing:
-        raise ValueError(f"{directory}/model.safetensors is missing tensors: {missing}")
-    return model.eval(), directory
 
 
 def _tokenizer_source(path: str, directory: str) -> str | None:
@@ -84,7 +52,11 @@ def convert_to_hf(src: str, out: str, dtype: torch.dtype | str | None = None,
     """griffinlm checkpoint `src` -> RecurrentGemma directory `out`; returns the files written."""
     if isinstance(dtype, str):
         dtype = DTYPE_NAMES[dtype]
-    model, directory = load_native(src, dtype)
+    from ..checkpoint import read_trainer
+    from ..loading import load
+
+    model, _ = load(src, dtype=dtype)
+    directory, _ = read_trainer(src)
     tok_dir = _tokenizer_source(src, directory)
     special = None
     if tok_dir is not None:
@@ -96,4 +68,4 @@ def convert_to_hf(src: str, out: str, dtype: torch.dtype | str | None = None,
     return written
 
 
-__all__ = ["convert_from_hf", "convert_to_hf", "load_native"]
+__all__ = ["convert_from_hf", "convert_to_hf"]

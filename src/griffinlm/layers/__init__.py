@@ -1,6 +1,7 @@
 """Layers: activations and gated FFNs, RMSNorm, RoPE, MQA, Conv1D, RG-LRU, blocks."""
 from .activations import MLP, GatedMLP, GeLU, Swish, make_activation, swish
 from .attention import AttentionCache, MultiQueryAttention
+from .blocks import BLOCK_SPECS, BlockSpec, block_spec
 from .conv import Conv1D
 from .linear import Linear
 from .norm import RMSNorm
@@ -13,5 +14,5 @@ from .rotary import RotaryEmbedding
 __all__ = [
     "swish", "Swish", "GeLU", "GatedMLP", "MLP", "make_activation", "RMSNorm", "RotaryEmbedding",
     "MultiQueryAttention", "AttentionCache", "Conv1D", "RGLRU", "lambda_init", "RecurrentBlock",
-    "RecurrentCache", "ResidualBlock", "Positions", "Linear",
+    "RecurrentCache", "ResidualBlock", "Positions", "Linear", "BLOCK_SPECS", "BlockSpec", "block_spec",
 ]

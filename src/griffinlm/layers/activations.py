@@ -73,7 +73,7 @@ def make_activation(name: str, gelu_approximate: str = "tanh", learnable_beta: b
 
 
 def step_activation(act: nn.Module) -> tuple[str, float | torch.Tensor]:
-    """(name in ops.decode_step.ACTIVATIONS, swish beta) of an FFN's nonlinearity."""
+    """(name in ops.activation.ACTIVATIONS, swish beta) of an FFN's nonlinearity."""
     if isinstance(act, nn.Sigmoid):
         return "sigmoid", 1.0
     if isinstance(act, nn.ReLU):

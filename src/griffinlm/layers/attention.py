@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..ops import causal_attention
 from ..ops.decode_step import KernelViews, StepRows, attention_step
-from ..ops.local_attention import grouped_attention
+from ..ops.attention import grouped_attention
 from .linear import Linear
 from .norm import RMSNorm
 from .positions import Positions
@@ -102,14 +102,16 @@ class MultiQueryAttention(nn.Module):
             return AttentionCache.init(batch, self.window, self.num_kv_heads, self.head_dim, True, device, dtype)
         return AttentionCache.init(batch, max_length, self.num_kv_heads, self.head_dim, False, device, dtype)
 
-    def forward(self, x: torch.Tensor, pos: Positions, cache: AttentionCache | None = None,
-                offset: int = 0) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D); with a cache, a chunk of T tokens after `offset` cached ones
-        (every row at the same offset), whose keys/values are then written to the cache."""
+    def forward(self, x: torch.Tensor, pos: Positions, cache: AttentionCache | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); with a cache, a chunk of T tokens after `pos.offset` cached
+        ones (every row at the same offset), whose keys/values are then written to the cache."""
+        offset = pos.offset
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts come from the projections' outputs (-1), not from attributes: a tensor-parallel
+        # rank holds a slice of the heads and the layer never needs to be told how many.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q = self.rope(q, pos.segment_pos)
         k = self.rope(k, pos.segment_pos)
         scale = self.head_dim ** -0.5
@@ -121,7 +123,7 @@ class MultiQueryAttention(nn.Module):
         else:
             out = self._attend_with_cache(q, k, v, pos, cache, offset, scale)
             cache.write(k.to(cache.k.dtype), v.to(cache.v.dtype), offset)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _attend_with_cache(self, q, k, v, pos: Positions, cache: AttentionCache, offset: int, scale: float):
         """Queries of a chunk against the cached entries (written before it) and the chunk."""

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops.causal_conv1d import causal_conv1d
+from ..ops.conv import causal_conv1d
 from .positions import Positions
 
 

@@ -20,6 +20,7 @@ class Positions:
         reset: (B, T) bool, True where a document starts (abs_pos == doc_start).
         packed: False when every row is a single document starting at position 0, which
             lets blocks take unmasked fast paths.
+        offset: tokens already in the cache before this chunk (abs_pos[0], as a Python int).
     """
 
     abs_pos: torch.Tensor
@@ -27,6 +28,7 @@ class Positions:
     doc_start: torch.Tensor
     reset: torch.Tensor
     packed: bool
+    offset: int = 0
 
     @classmethod
     def build(cls, batch: int, length: int, offset: int, device: torch.device,
@@ -49,4 +51,4 @@ class Positions:
             doc_start = abs_pos[None] - segment_pos
             packed = bool((doc_start > 0).any())
         reset = abs_pos[None] == doc_start
-        return cls(abs_pos, segment_pos, doc_start, reset, packed)
+        return cls(abs_pos, segment_pos, doc_start, reset, packed, offset)

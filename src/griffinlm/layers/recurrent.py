@@ -56,11 +56,12 @@ class RecurrentBlock(nn.Module):
         self.linear_out = Linear(lru_width, width, bias=bias)
         self.step_args, self.step_views = StepArgs(), KernelViews()  # memos of the step's arguments
 
-    def init_cache(self, batch: int, device=None, dtype=torch.float32) -> RecurrentCache:
+    def init_cache(self, batch: int, max_length: int | None = None, device=None,
+                   dtype=torch.float32) -> RecurrentCache:
+        """A constant-size state whatever `max_length` (the argument every block kind takes)."""
         return RecurrentCache.init(batch, self.lru_width, self.conv_width, device, dtype)
 
-    def forward(self, x: torch.Tensor, pos: Positions, cache: RecurrentCache | None = None,
-                offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions, cache: RecurrentCache | None = None) -> torch.Tensor:
         fold = self.gelu_approximate == "tanh" and plain_parameters(self.linear_y)
         # (B, T, D_rnn) before its GeLU; with `fold` also before its bias (added in the fused op)
         y = linear(x, self.linear_y.weight) if fold else self.linear_y(x)

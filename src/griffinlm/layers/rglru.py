@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import block_diagonal_linear, rglru
-from ..ops.rglru import log_a_from_lambda
+from ..ops.lru import log_a_from_lambda
 
 
 def lambda_init(width: int, init: str, min_rad: float = 0.9, max_rad: float = 0.999, c: float = 8.0) -> torch.Tensor:

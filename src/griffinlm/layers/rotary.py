@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.rotary import rotary
+from ..ops.attention.rotary import rotary
 
 
 class RotaryEmbedding(nn.Module):

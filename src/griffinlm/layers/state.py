@@ -24,7 +24,7 @@ class SlotState:
 
 
 class TreeWatch:
-    """Tells, in a few microseconds, whether any submodule, parameter or buffer object of a
+    """Tells cheaply (one pass over cached references) whether any submodule, parameter or buffer object of a
     module tree was replaced, or any tensor's storage moved (`.to()`, `param.data = ...`), since
     the last call. In-place updates (an optimizer step, `load_state_dict`) are not changes.
 
@@ -57,8 +57,8 @@ class TreeWatch:
 
 class StepArgs:
     """A layer's arguments for its fused decoding op, gathered once and reused while the
-    model's `TreeWatch` says nothing changed (each nn.Module attribute lookup costs about half
-    a microsecond, and a block's step makes tens of them per token)."""
+    model's `TreeWatch` says nothing changed (nn.Module attribute lookups are slow, and a
+    block's step makes tens of them per token)."""
 
     __slots__ = ("args",)
 

@@ -1,16 +1,20 @@
-"""Kernels, each with its sequential or dense reference beside it."""
-from .attention_reference import attention_mask, attention_reference
-from .block_diagonal import block_diagonal_linear, block_diagonal_linear_reference
-from .causal_conv1d import causal_conv1d, causal_conv1d_reference, causal_conv1d_step
+"""Kernels, each with its sequential or dense reference beside it: one folder per op family
+(`scan`, `lru` (the RG-LRU), `conv`, `attention` (with `rotary`), `norm`, `activation`,
+`block_diag`), the numba plumbing they share in `numba_common`, and the modules used across
+them (`linear`, `gemm_backend`, `quantized`, `buffer_pool`, `decode_step`). Folder names differ
+from the functions exported here, so no function hides a module."""
+from .activation import gated_activation, gated_activation_reference
+from .attention import causal_attention
+from .attention.reference import attention_mask, attention_reference
+from .attention.rotary import rotary
+from .block_diag import block_diagonal_linear, block_diagonal_linear_reference
+from .conv import causal_conv1d, causal_conv1d_reference, causal_conv1d_step
 from .decode_step import (attention_step, attention_step_reference, logits_reference, logits_step, mlp_step,
                           mlp_step_reference, recurrent_step, recurrent_step_reference)
-from .gated_activation import gated_activation, gated_activation_reference
-from .linear_scan import linear_scan
-from .local_attention import causal_attention
-from .rms_norm import rms_norm, rms_norm_reference
-from .rglru import rglru, rglru_gates, rglru_step, sqrt_bounded_grad
-from .rotary import rotary
-from .scan_reference import linear_scan_reference
+from .lru import rglru, rglru_gates, rglru_step, sqrt_bounded_grad
+from .norm import rms_norm, rms_norm_reference
+from .scan import linear_scan
+from .scan.reference import linear_scan_reference
 
 __all__ = [
     "linear_scan", "linear_scan_reference", "causal_attention", "attention_reference",

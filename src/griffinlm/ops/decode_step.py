@@ -32,15 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import scan_numba
-from .block_diagonal import block_diagonal_linear
-from .causal_conv1d import causal_conv1d_step
+from . import numba_common
+from .activation import ACTIVATIONS, activation_reference
+from .attention import grouped_attention
+from .attention.rotary import rotary
+from .block_diag import block_diagonal_linear
+from .conv import causal_conv1d_step
 from .linear import linear, linear_many
+from .lru import log_a_from_lambda, rglru_step
+from .norm import rms_norm
 from .quantized import QuantizedWeight
-from .local_attention import grouped_attention
-from .rglru import log_a_from_lambda, rglru_step
-from .rms_norm import rms_norm
-from .rotary import rotary
 
 # Rows per step up to which the weight-streaming kernels beat the hybrid path (GEMMs on
 # prepacked weights + mix kernels); measured: level at 6 rows, the hybrid 12% faster at 8.
@@ -49,7 +50,7 @@ MAX_BATCH = 6
 HYBRID = True
 
 # Kernel calls per op name (the ops' shared counter); tests read it to check that a fast path ran.
-FUSED_CALLS = scan_numba.FUSED_CALLS
+FUSED_CALLS = numba_common.FUSED_CALLS
 STEP_OPS = ("recurrent_step", "attention_step", "mlp_step", "logits_step",
             "recurrent_mix", "attention_mix", "mlp_mix", "logits_mix")
 
@@ -73,24 +74,6 @@ def step_kernel_calls() -> collections.Counter[str]:
 Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight (out, in), bias (out,) or None)
 Norm = tuple[torch.Tensor, float, bool]  # RMSNorm (weight, eps, unit_offset)
 
-# Activation names of the MLP ops -> kernel codes (decode_step_numba._act).
-ACTIVATIONS = {"identity": 0, "sigmoid": 1, "relu": 2, "gelu_tanh": 3, "gelu": 4, "swish": 5}
-
-
-def activation_reference(x: torch.Tensor, name: str, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """The MLP nonlinearity `name` (a key of ACTIVATIONS) in torch; swish uses `beta`."""
-    if name == "sigmoid":
-        return torch.sigmoid(x)
-    if name == "relu":
-        return F.relu(x)
-    if name in ("gelu_tanh", "gelu"):
-        return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
-    if name == "swish":
-        return x * torch.sigmoid(torch.as_tensor(beta, dtype=x.dtype, device=x.device) * x)
-    if name == "identity":
-        return x
-    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-
 
 # --- eligibility and zero-copy views ---------------------------------------------------------
 _EMPTY = np.empty(0, np.float32)
@@ -104,11 +87,11 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray:
 
 
 def _kernel_tensor(t: torch.Tensor) -> bool:
-    """The ops' shared rule (`scan_numba.cpu_fusable`) plus contiguity: the kernels index raw memory.
+    """The ops' shared rule (`numba_common.cpu_fusable`) plus contiguity: the kernels index raw memory.
     A quantized weight (`ops.quantized`) goes as its stored data and scales."""
     if isinstance(t, QuantizedWeight):
         return t.data.device.type == "cpu" and t.data.is_contiguous()
-    return scan_numba.cpu_fusable(t) and t.is_contiguous()
+    return numba_common.cpu_fusable(t) and t.is_contiguous()
 
 
 def _kernel_view(t) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -226,13 +209,13 @@ class StepRows:
             return cls(slots, pos, doc_start, keys, whole, unchanged)
         arrays = tuple(t.numpy() if t.dtype == torch.int64 and t.is_contiguous() else t.long().contiguous().numpy()
                        for t in (slots, pos, doc_start))
-        return cls(slots, pos, doc_start, keys, whole, unchanged, fused, arrays, scan_numba.threads(), mixed)
+        return cls(slots, pos, doc_start, keys, whole, unchanged, fused, arrays, numba_common.threads(), mixed)
 
 
 def _kernel_rows(x: torch.Tensor) -> bool:
     """A step's rows x the kernels may take: numba present and not tracing (the ops' shared rule,
-    `scan_numba.cpu_fusable`), no autograd, contiguous float32 CPU (n, D)."""
-    return (not torch.is_grad_enabled() and x.dim() == 2 and x.shape[0] > 0 and scan_numba.cpu_fusable(x)
+    `numba_common.cpu_fusable`), no autograd, contiguous float32 CPU (n, D)."""
+    return (not torch.is_grad_enabled() and x.dim() == 2 and x.shape[0] > 0 and numba_common.cpu_fusable(x)
             and x.is_contiguous())
 
 
@@ -427,7 +410,7 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
     views.bound = None if isinstance(beta, torch.Tensor) and beta.requires_grad else (
         lambda xa, r: kernel(xa, *fixed, r.threads))
     views.name = "mlp_step"
-    kernel(x.numpy(), *fixed, scan_numba.threads() if rows is None else rows.threads)
+    kernel(x.numpy(), *fixed, numba_common.threads() if rows is None else rows.threads)
     FUSED_CALLS["mlp_step"] += 1
     return x
 
@@ -465,6 +448,6 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
         return logits
 
     views.bound, views.name = bound, "logits_step"
-    kernel(x.numpy(), *fixed, out.numpy(), scan_numba.threads() if rows is None else rows.threads)
+    kernel(x.numpy(), *fixed, out.numpy(), numba_common.threads() if rows is None else rows.threads)
     FUSED_CALLS["logits_step"] += 1
     return out

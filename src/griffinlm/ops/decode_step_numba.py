@@ -16,8 +16,8 @@ the number of row chunks, one per thread (`numba.get_num_threads()`, passed in b
 reading it inside a kernel would stop numba from caching the compiled code). Their torch
 references and the dispatch between the two are in `ops/decode_step.py`.
 
-Activation codes (`decode_step.ACTIVATIONS`, which maps names to them): 0 identity, 1 sigmoid, 2 relu, 3 gelu (tanh), 4 gelu (erf),
-5 swish with a given beta.
+Activation codes: those of `activation.ACTIVATIONS` (identity, sigmoid, relu, gelu (tanh), gelu
+(erf), swish with a given beta).
 """
 from __future__ import annotations
 
@@ -27,29 +27,31 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .rglru_numba import exp32, gates
-from .rms_norm_numba import norm_row
+from .activation import ACTIVATIONS
+from .lru.numba import gates
+from .norm.numba import norm_row
+from .numba_common.jit import exp32, f32
 
 # reassoc lets LLVM split each dot product over several vector accumulators.
 FM = {"nnan", "ninf", "nsz", "arcp", "contract", "afn", "reassoc"}
-f32 = np.float32
+SIGMOID, RELU, GELU_TANH, GELU, SWISH = (ACTIVATIONS[k] for k in ("sigmoid", "relu", "gelu_tanh", "gelu", "swish"))
 
 
 @njit(fastmath=FM, inline="always")
 def _act(v, code, beta):
     """Activation `code` of v, in float32 through `exp32` (a polynomial LLVM vectorises), the
     tanh GeLU as v * sigmoid(2 z) = v (1 + tanh z) / 2."""
-    if code == 1:
+    if code == SIGMOID:
         return f32(1.0) / (f32(1.0) + exp32(-v))
-    if code == 2:
+    if code == RELU:
         return v if v > 0 else f32(0.0)
-    if code == 3:
+    if code == GELU_TANH:
         return v / (f32(1.0) + exp32(f32(-1.5957691216057308) * (v + f32(0.044715) * v * v * v)))
-    if code == 4:
+    if code == GELU:
         return f32(0.5) * v * (f32(1.0) + math.erf(v * f32(0.7071067811865476)))
-    if code == 5:
+    if code == SWISH:
         return v / (f32(1.0) + exp32(-beta * v))
-    return v
+    return v  # identity
 
 
 def _wv(w, n, k):
@@ -176,7 +178,7 @@ def _rglru_job(job, split, xc, y, gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset
                gelu_code, z):
     """Job (head job // split, output chunk job % split) of the RG-LRU step for every row:
     block-diagonal gates on xc, the state update of h at slots[b], z = h * act(y). The gates
-    go through `rglru_numba.gates` (float32, vectorised over the chunk)."""
+    go through `lru.numba.gates` (float32, vectorised over the chunk)."""
     bw = gr_w.shape[1]
     hd = job // split
     lo, hi = _chunk(bw, split, job % split)
@@ -237,9 +239,9 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, s_y, b_y, w_x, s_x, b_x, co
     split = max(1, parts // gr_w.shape[0])
     z = np.empty((B, R), f32)
     for job in prange(gr_w.shape[0] * split):
-        if gelu_code == 3:  # a constant activation code inside: the channel loop vectorises
+        if gelu_code == GELU_TANH:  # a constant activation code inside: the channel loop vectorises
             _rglru_job(job, split, xc, y, gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset, h, slots, pos,
-                       doc_start, 3, z)
+                       doc_start, GELU_TANH, z)
         else:
             _rglru_job(job, split, xc, y, gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset, h, slots, pos,
                        doc_start, gelu_code, z)
@@ -274,8 +276,8 @@ def rglru_mix(xc, gate_r, gate_i, y, lam, c, unscaled_reset, h, slots, pos, doc_
     for ch in prange(parts):
         lo, hi = _chunk(B, parts, ch)
         for b in range(lo, hi):
-            if gelu_code == 3:  # a constant activation code inside: the channel loop vectorises
-                _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, pos, doc_start, 3, z)
+            if gelu_code == GELU_TANH:  # a constant activation code inside: the channel loop vectorises
+                _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, pos, doc_start, GELU_TANH, z)
             else:
                 _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, pos, doc_start,
                            gelu_code, z)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import scan_numba
+from . import numba_common
 from .gemm_backend import COPIES, GEMM_CALLS, native_bf16
 
 MODES = ("int8", "bf16")
@@ -106,13 +106,13 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
                            "differentiated (quantize a copy after training, or load the float checkpoint)")
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
-    if x2.shape[0] <= STREAM_ROWS and scan_numba.cpu_fusable(x2):
+    if x2.shape[0] <= STREAM_ROWS and numba_common.cpu_fusable(x2):
         from .decode_step_numba import linear_rows
 
         data, scale = weight.kernel_arrays()
         out = torch.empty(x2.shape[0], weight.shape[0])
         b = torch.empty(0) if bias is None else bias.detach().float().contiguous()
-        linear_rows(x2.contiguous().numpy(), data, scale, b.numpy(), out.numpy(), scan_numba.threads())
+        linear_rows(x2.contiguous().numpy(), data, scale, b.numpy(), out.numpy(), numba_common.threads())
         GEMM_CALLS[f"quantized_stream:{weight.mode}"] += 1
     elif x.device.type == "cpu" and native_bf16() or x.device.type == "cuda":
         wb = weight.data if weight.scale is None else COPIES.get("int8_bf16", weight.data,

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from ..checkpoint import _sha256, _write_json  # same manifest and fsync'd JSON as single-process
+from ..checkpoint import file_sha256, write_json_durable  # same manifest and fsync'd JSON as single-process
 
 DCP_DIR = "dcp"
 
@@ -127,12 +127,12 @@ def save_training_checkpoint(run_dir: str, step: int, model: nn.Module, optimize
     save_distributed(os.path.join(tmp, DCP_DIR), model, optimizer)
     export_safetensors(model, os.path.join(tmp, "model.safetensors"))
     if _is_main():
-        _write_json(os.path.join(tmp, "config.json"), model.config.to_dict())
+        write_json_durable(os.path.join(tmp, "config.json"), model.config.to_dict())
         rng_tensors, rng_scalars = rng_state()
         st.save_file(rng_tensors, os.path.join(tmp, "state.safetensors"))
-        manifest = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": _sha256(os.path.join(tmp, name))}
+        manifest = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": file_sha256(os.path.join(tmp, name))}
                     for name in ("config.json", "model.safetensors", "state.safetensors")}
-        _write_json(os.path.join(tmp, "trainer.json"), {
+        write_json_durable(os.path.join(tmp, "trainer.json"), {
             "format": FORMAT_VERSION, "step": step, "optimizer_param_groups": [], "rng": rng_scalars,
             "manifest": manifest, "distributed": layout, **trainer_state})
         if os.path.exists(final):

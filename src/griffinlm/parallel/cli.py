@@ -28,7 +28,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_plan(args: argparse.Namespace) -> int:
     from ..config import ModelConfig
-    from ..train.cli import parse_overrides
+    from ..cli_settings import parse_overrides
     from .plan import count_params, format_table, layouts, plan_layout
 
     if args.gpus < 1:

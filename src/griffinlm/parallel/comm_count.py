@@ -89,6 +89,3 @@ class CommCounter(TorchDispatchMode):
     def summary(self) -> dict[str, dict[str, float]]:
         """Per kind of collective: calls, payload bytes, bytes sent by this rank."""
         return {k: dict(v) for k, v in self.records.items()}
-
-    def total_sent(self, exclude: tuple[str, ...] = ()) -> float:
-        return sum(v["sent"] for k, v in self.records.items() if k not in exclude)

@@ -47,12 +47,6 @@ class ParallelContext:
         """JSON-safe description, recorded in checkpoints."""
         return {"world_size": self.world_size, "dp": self.dp_size, "tp": self.tp_size}
 
-    def describe(self) -> str:
-        if not self.distributed:
-            return f"1 process on {self.device}"
-        return (f"{self.world_size} ranks on {self.device.type} ({dist.get_backend()}): "
-                f"data parallel {self.dp_size} x tensor parallel {self.tp_size}")
-
 
 def launched_by_torchrun() -> bool:
     """True when torchrun (or another launcher) set WORLD_SIZE > 1 or RANK."""

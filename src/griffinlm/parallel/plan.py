@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GATED_ACTIVATIONS, ModelConfig
-from .tensor_parallel import TensorParallelError, check_tp_degree
+from ..layers.blocks import block_spec
+from .tensor_parallel import TensorParallelError, check_tp_degree, split_parameters
 
 GIB = 1024**3
 STATE_BYTES = 16  # fp32 weight + fp32 grad + two fp32 AdamW moments
@@ -35,25 +36,17 @@ class ParamCounts:
     largest_block: int  # the biggest residual block (FSDP gathers one block at a time)
 
 
-def _is_tp_split(name: str, config: ModelConfig) -> bool:
-    replicated_suffix = ("embed.weight", "norm.weight", "linear_out.bias", "o_proj.bias", "down_proj.bias", "act.beta")
-    if name.endswith(replicated_suffix):
-        return False
-    if config.num_kv_heads == 1 and (".k_proj." in name or ".v_proj." in name):
-        return False
-    return True
-
-
 def count_params(config: ModelConfig) -> ParamCounts:
     """Parameter counts from a model built on the meta device (no memory)."""
     from ..model import LanguageModel
 
     with torch.device("meta"):
         model = LanguageModel(config)
+    sharded = split_parameters(model)  # from the TP plan itself
     total = split = 0
     for name, p in model.named_parameters():
         total += p.numel()
-        split += p.numel() if _is_tp_split(name, config) else 0
+        split += p.numel() if name in sharded else 0
     largest = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
     return ParamCounts(total, split, total - split, largest)
 
@@ -77,10 +70,9 @@ def activation_bytes(config: ModelConfig, tokens: int, tp: int, act_bytes: int =
     kv_local = kv if config.num_kv_heads == 1 else kv // tp
     branches = 4 if config.mlp_activation in GATED_ACTIVATIONS else 2
     common = 4 * D * a + 2 * D * 4 + branches * M // tp * a
-    per_kind = {"recurrent": 7 * R // tp * a + 3 * R // tp * 4,
-                "attention": (3 * q // tp + 4 * kv_local) * a}
-    per_kind["global_attention"] = per_kind["attention"]
-    blocks = [common + per_kind[k] for k in config.block_types]
+    attention = (3 * q // tp + 4 * kv_local) * a
+    recurrent = 7 * R // tp * a + 3 * R // tp * 4
+    blocks = [common + (attention if block_spec(k).is_attention else recurrent) for k in config.block_types]
     head = 2 * D * a + config.vocab_size * (a + 4 + 4)
     if checkpointing:
         return tokens * (len(blocks) * D * a + max(blocks) + head)
@@ -161,7 +153,7 @@ def tp_comm_bytes(config: ModelConfig, tokens: int, tp: int, act_bytes: int = 2,
     ring = 2 * (tp - 1) / tp
     passes = 3 if checkpointing else 2
     activations = passes * 2 * config.depth * tokens * config.width * act_bytes
-    n_attn = sum(k != "recurrent" for k in config.block_types)
+    n_attn = sum(block_spec(k).is_attention for k in config.block_types)
     kv_grads = 0
     if config.num_kv_heads == 1:
         kv = config.resolved_head_dim * config.width + (config.resolved_head_dim if config.attention_qkv_bias else 0)

@@ -38,8 +38,8 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
                                                parallelize_module)
 
-from ..config import GATED_ACTIVATIONS, ModelConfig
-from ..layers import MultiQueryAttention, RecurrentBlock
+from ..config import GATED_ACTIVATIONS, BlockKind, ModelConfig
+from ..layers.blocks import block_spec
 
 
 class TensorParallelError(ValueError):
@@ -56,21 +56,21 @@ def check_tp_degree(config: ModelConfig, tp: int) -> None:
         raise TensorParallelError(f"tensor-parallel degree must be at least 1, got {tp}")
     if tp == 1:
         return
-    kinds = set(config.block_types)
+    specs = [block_spec(k) for k in set(config.block_types)]
     problems = []
-    if kinds & {"attention", "global_attention"}:
+    if any(s.is_attention for s in specs):
         if config.num_heads % tp:
             problems.append(f"num_heads={config.num_heads} (attention heads)")
         if config.num_kv_heads > 1 and config.num_kv_heads % tp:
             problems.append(f"num_kv_heads={config.num_kv_heads} (key/value heads; 1 is replicated)")
-    if "recurrent" in kinds and config.resolved_lru_blocks % tp:
+    if BlockKind.RECURRENT in config.block_types and config.resolved_lru_blocks % tp:
         problems.append(f"lru_num_blocks={config.resolved_lru_blocks} (RG-LRU gate blocks, held whole per rank)")
     if config.resolved_mlp_hidden % tp:
         problems.append(f"mlp hidden width={config.resolved_mlp_hidden}")
     if problems:
         raise TensorParallelError(
             f"tensor-parallel degree {tp} does not divide " + ", ".join(problems)
-            + f"; choose a --tp that divides each of them")
+            + "; choose a --tp that divides each of them")
 
 
 # --- custom styles ----------------------------------------------------------------------------
@@ -155,31 +155,25 @@ def _local_params_forward(module: nn.Module, forward: Callable[..., Any],
 
 
 # --- the plan -------------------------------------------------------------------------------------
-# ResidualBlock calls its temporal module as temporal(x, pos, cache, offset): only x is a tensor
-# to distribute; the MLP takes x alone.
-_TEMPORAL_INPUT = PrepareModuleInput(input_layouts=(Replicate(), None, None, None),
-                                     desired_input_layouts=(Replicate(), None, None, None))
+# ResidualBlock calls its temporal module as temporal(x, pos, cache): only x is a tensor to
+# distribute; the MLP takes x alone.
+_TEMPORAL_INPUT = PrepareModuleInput(input_layouts=(Replicate(), None, None),
+                                     desired_input_layouts=(Replicate(), None, None))
 _MLP_INPUT = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
-_CONV = {"weight": 1, "bias": 0}  # weight (W, C) is time-major
-_RGLRU = {"gate_r_weight": 0, "gate_r_bias": 0, "gate_i_weight": 0, "gate_i_bias": 0, "lambda_": 0}
+def _style(layout: str | tuple[str, dict[str, int]], config: ModelConfig) -> ParallelStyle:
+    """A block kind's declared layout of one submodule (`BlockSpec.tp_layout`) as a ParallelStyle."""
+    if isinstance(layout, tuple):  # ("local", {param: dim})
+        return LocalShardParallel(layout[1])
+    if layout == "kv":  # one key/value head is replicated (MQA), more are split like q
+        return ReplicatedParallel() if config.num_kv_heads == 1 else ColwiseParallel()
+    return {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}[layout]()
 
 
-def block_plan(config: ModelConfig, kind: str, prefix: str) -> dict[str, ParallelStyle]:
+def block_plan(config: ModelConfig, kind: BlockKind | str, prefix: str) -> dict[str, ParallelStyle]:
     """The TP plan of one residual block: module path -> ParallelStyle."""
     plan: dict[str, ParallelStyle] = {f"{prefix}.temporal": _TEMPORAL_INPUT}
     t = f"{prefix}.temporal"
-    if kind == "recurrent":
-        plan.update({
-            f"{t}.linear_y": ColwiseParallel(),
-            f"{t}.linear_x": ColwiseParallel(),
-            f"{t}.conv1d": LocalShardParallel(_CONV),
-            f"{t}.rg_lru": LocalShardParallel(_RGLRU),
-            f"{t}.linear_out": RowwiseParallel(),
-        })
-    else:
-        kv = ReplicatedParallel() if config.num_kv_heads == 1 else ColwiseParallel()
-        plan.update({f"{t}.q_proj": ColwiseParallel(), f"{t}.k_proj": kv, f"{t}.v_proj": kv,
-                     f"{t}.o_proj": RowwiseParallel()})
+    plan.update({f"{t}.{name}": _style(layout, config) for name, layout in block_spec(kind).tp_layout.items()})
     m = f"{prefix}.mlp"
     plan[m] = _MLP_INPUT
     if config.mlp_activation in GATED_ACTIVATIONS:
@@ -212,18 +206,23 @@ def tp_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     return plan
 
 
-def _localize_sizes(model: nn.Module, tp: int) -> None:
-    """Head and channel counts that the layers read in forward, set to the per-rank counts."""
-    for block in model.blocks:
-        t = block.temporal
-        if isinstance(t, MultiQueryAttention):
-            t.num_heads //= tp
-            if t.num_kv_heads > 1:
-                t.num_kv_heads //= tp
-        elif isinstance(t, RecurrentBlock):
-            t.lru_width //= tp
-            t.rg_lru.width //= tp
-            t.rg_lru.num_blocks //= tp
+def split_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters that the TP plan (`tp_plan`) shards over the ranks; the others
+    are held whole by every rank. The plan is the one source of both (`griffinlm plan` counts
+    with this)."""
+    split: set[str] = set()
+    for path, style in tp_plan(model).items():
+        module = model.get_submodule(path)
+        if isinstance(style, ColwiseParallel):
+            names = [n for n, _ in module.named_parameters(recurse=False)]  # weight and bias split by rows
+        elif isinstance(style, RowwiseParallel):
+            names = ["weight"]  # the bias is added once, after the reduction: replicated
+        elif isinstance(style, LocalShardParallel):
+            names = list(style.shard_dims)
+        else:
+            names = []
+        split.update(f"{path}.{n}" for n in names if getattr(module, n, None) is not None)
+    return split
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
@@ -236,6 +235,5 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     check_tp_degree(model.config, tp)
     if tp == 1:
         return model
-    parallelize_module(model, tp_mesh, tp_plan(model))
-    _localize_sizes(model, tp)
+    parallelize_module(model, tp_mesh, tp_plan(model))  # the layers read their sizes from their weights
     return model

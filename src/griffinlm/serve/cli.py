@@ -45,7 +45,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from ..inference.text import load_for_inference
+    from ..loading import load
     from ..precision import autocast
     from .engine import Engine
     from .metrics import ServeMetrics
@@ -53,14 +53,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = autocast(torch.device(args.device), args.dtype)  # refuses bf16 where the CPU lacks it
-    model, tok = load_for_inference(args.checkpoint, args.device)
-    if args.quantize:
-        from ..quantize import quantize_
-
-        quantize_(model, args.quantize)
+    model, tok = load(args.checkpoint, args.device, quantize=args.quantize)
     metrics = ServeMetrics()
     # The engine runs in this (main) thread, which loaded the model: every torch op stays on one
-    # OpenMP thread team (a second thread's ops ran 1.2-1.8x slower here, BENCHMARKS.md), and
+    # OpenMP thread team (a second team slows both down on a small machine, BENCHMARKS.md), and
     # HTTP runs in a thread of its own.
     engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_prompt_tokens=args.max_prompt_tokens, chunk_tokens=args.chunk_tokens, metrics=metrics,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..generate import check_sampling, sample_next
+from ..layers.blocks import block_spec
 from ..inference.text import TextOutput, check_stop
 
 
@@ -168,8 +169,8 @@ class Engine:
         self.precision = precision  # an autocast context entered by the engine thread (None: fp32)
         self.max_batch, self.max_queue, self.chunk_tokens = max_batch, max_queue, chunk_tokens
         cfg = model.config
-        self.global_attention = "global_attention" in cfg.block_types
-        # Only global attention keeps every key: a slot then holds at most max_length tokens.
+        # A state that grows with the sequence (global attention) holds at most max_length tokens.
+        self.global_attention = any(block_spec(k).state_grows for k in cfg.block_types)
         self.max_length = max_length or cfg.max_position or 4096
         self.max_prompt_tokens = max_prompt_tokens or (self.max_length if self.global_attention else 1 << 20)
         self.cache = model.init_cache(max_batch, max_length=self.max_length if self.global_attention else None)

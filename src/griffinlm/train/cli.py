@@ -5,29 +5,9 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
 
+from ..cli_settings import add_settings_flags, parse_overrides, settings_from_args
 from .config import TrainConfig
-
-_DEFAULTS = TrainConfig()
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`KEY=VALUE` items (VALUE read as JSON when it parses, else as a string) or JSON file paths."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            if not os.path.isfile(item):
-                raise ValueError(f"--config {item!r}: expected KEY=VALUE or a JSON file")
-            with open(item) as f:
-                out.update(json.load(f))
-            continue
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,49 +19,15 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                     "synthetic task. Writes checkpoints, metrics.jsonl and loss_curve.png to --out; "
                     "prints held-out bits per byte and a generated sample at the end.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = _DEFAULTS
     p.add_argument("--model", help="preset name, e.g. griffin-tiny, hawk-tiny, transformer-tiny, griffin-100m "
                                    "(optional with --resume: taken from the checkpoint)")
     p.add_argument("--config", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="model config overrides, e.g. --config width=128 depth=4 "
                         "'block_pattern=[\"recurrent\",\"attention\"]', or a JSON file")
-    p.add_argument("--data", default=d.data,
-                   help="'stdlib', a text file, a directory of text files, a .jsonl file, a built corpus "
-                        "directory, or synthetic:{selective_copying,induction_heads,phonebook}")
-    p.add_argument("--tokenizer", default=d.tokenizer, help="'byte', or a local tokenizer.json / SentencePiece .model")
-    p.add_argument("--text-field", default=d.text_field, help="JSONL field holding the text")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per optimizer step")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps; unset: steps/10, at most 1000")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr (cosine)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="AdamW decay on matrices (not norms, biases, embeddings, RG-LRU Lambda)")
-    p.add_argument("--beta1", type=float, default=d.beta1)
-    p.add_argument("--beta2", type=float, default=d.beta2)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (0: ~10 per run)")
-    p.add_argument("--eval-sequences", type=int, default=d.eval_sequences,
-                   help="held-out sequences per periodic evaluation (the final one uses all)")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: at evaluations)")
-    p.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept")
+    add_settings_flags(p, TrainConfig, flag_names={"sample_temperature": "temperature"})
     p.add_argument("--out", default=None, help="run directory; unset: runs/MODEL")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=d.dtype,
-                   help="GEMM precision: auto = bf16 autocast on GPU, fp32 on CPU; bf16 on CPU needs native "
-                        "bf16 (AVX512-BF16/AMX): bf16 GEMMs, fp32 weights, norms, RG-LRU and loss")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch; unset: torch's choice")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs even if installed")
-    p.add_argument("--no-plot", action="store_true", help="do not draw loss_curve.png at the end")
-    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="tokens to generate at the end")
-    p.add_argument("--sample-prompt", default=d.sample_prompt, help="prompt of the final sample")
-    p.add_argument("--temperature", type=float, default=d.sample_temperature, help="sampling temperature")
     p.add_argument("--debug-kill-at-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree under torchrun (data-parallel degree = ranks / tp); "
@@ -113,21 +59,12 @@ def run_train(args: argparse.Namespace) -> int:
         if args.model is None and overrides:
             return _fail("--config needs --model")
         model_cfg = ModelConfig.preset(args.model, **overrides) if args.model else None
-        cfg = TrainConfig(
-            data=args.data, tokenizer=args.tokenizer, text_field=args.text_field, steps=args.steps,
-            batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
-            warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
-            beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip, seed=args.seed,
-            eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every,
-            keep_last=args.keep_last, device=args.device, dtype=args.dtype, grad_checkpointing=args.grad_checkpointing,
-            progress=not args.no_progress, tensorboard=not args.no_tensorboard, plot=not args.no_plot,
-            sample_tokens=args.sample_tokens, sample_prompt=args.sample_prompt,
-            sample_temperature=args.temperature)
+        cfg = settings_from_args(TrainConfig, args)
         out = args.out or os.path.join("runs", args.model or "run")
         trainer = Trainer(model_cfg, cfg, out, resume=args.resume, kill_at_step=args.debug_kill_at_step,
                           tp=args.tp, fsdp=args.fsdp)
         summary = trainer.run()
-        if trainer.par is not None:
+        if trainer.par.distributed:
             from ..parallel import teardown
             teardown()
             if not trainer.is_main:  # rank 0 reports
@@ -220,25 +157,22 @@ def run_eval(args: argparse.Namespace) -> int:
         from ..evaluate.cli import set_threads
 
         set_threads(args.threads)
-    from ..checkpoint import CheckpointError, load_model
-    from ..data import PackedSequences, eval_batches, load_tokenizer, open_corpus
-    from .data import SYNTHETIC_PREFIX, open_run_data
+    from ..checkpoint import CheckpointError, read_trainer
+    from ..data import PackedSequences, eval_batches, open_corpus
+    from ..loading import load
     from ..precision import compute_dtype
+    from .data import SYNTHETIC_PREFIX, open_run_data
     from .loop import evaluate, resolve_device
 
     try:
         device = resolve_device(args.device)
         compute_dtype(device, args.dtype)
-        model, ckpt = load_model(args.checkpoint, device)
-        if args.quantize:
-            from ..quantize import quantize_
-
-            quantize_(model, args.quantize)
-        trained = ckpt.trainer.get("train_config", {})
+        model, tok = load(args.checkpoint, device, quantize=args.quantize)
+        where, trainer = read_trainer(args.checkpoint)  # {} for a directory not written by training
+        trained = trainer.get("train_config", {})
         seq_len = args.seq_len or trained.get("seq_len", 256)
         text_field = args.text_field or trained.get("text_field", "text")
         args.data = args.data or trained.get("data", "stdlib")
-        tok = load_tokenizer(ckpt.trainer.get("tokenizer") or "byte")
         if args.split == "val" or args.data.startswith(SYNTHETIC_PREFIX):
             data = open_run_data(args.data, tok.to_dict().get("path", "byte"), text_field, seq_len,
                                  args.batch_size, trained.get("seed", 0), verbose=False)
@@ -253,20 +187,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return _fail(str(e))
     print(json.dumps({"bits_per_byte": result["bits_per_byte"], "loss": result["loss"],
                       "target_tokens": result["target_tokens"], "bytes": result["bytes"], "split": args.split,
-                      "data": args.data, "seq_len": seq_len, "checkpoint": ckpt.path, "step": ckpt.step,
+                      "data": args.data, "seq_len": seq_len, "checkpoint": where, "step": trainer.get("step"),
                       "quantize": args.quantize}, indent=1))
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (`python -m griffinlm.train.cli train ...`) until griffinlm.cli wires these in."""
-    parser = argparse.ArgumentParser(prog="griffinlm")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    add_eval_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

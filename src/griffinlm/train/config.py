@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..precision import check_dtype
@@ -27,35 +27,43 @@ class TrainConfig:
     CPU), "fp32" or "bf16" (see `griffinlm.precision`).
     """
 
-    data: str = "stdlib"
-    tokenizer: str = "byte"
-    text_field: str = "text"
-    steps: int = 1000
-    batch_size: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    seed: int = 0
-    eval_every: int = 0
-    eval_sequences: int | None = 64
-    save_every: int = 0
-    keep_last: int = 3
-    device: str = "auto"
-    dtype: str = "auto"
-    grad_checkpointing: bool = False
-    progress: bool = True
-    tensorboard: bool = True
-    plot: bool = True
-    sample_tokens: int = 200
-    sample_prompt: str = "def "
-    sample_temperature: float = 0.7
+    data: str = field(default="stdlib", metadata={"help": (
+        "'stdlib', a text file, a directory of text files, a .jsonl file, a built corpus directory, or "
+        "synthetic:{selective_copying,induction_heads,phonebook}")})
+    tokenizer: str = field(default="byte", metadata={"help": "'byte', or a local tokenizer.json / SentencePiece .model"})
+    text_field: str = field(default="text", metadata={"help": "JSONL field holding the text"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per optimizer step"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr (cosine)"})
+    warmup_steps: int | None = field(default=None, metadata={
+        "help": "linear warmup steps; unset: steps/10, at most 1000"})
+    weight_decay: float = field(default=0.1, metadata={
+        "help": "AdamW decay on matrices (not norms, biases, embeddings, RG-LRU Lambda)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialization, data order and sampling"})
+    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0: ~10 per run)"})
+    eval_sequences: int | None = field(default=64, metadata={
+        "help": "held-out sequences per periodic evaluation (the final one uses all)"})
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at evaluations)"})
+    keep_last: int = field(default=3, metadata={"help": "checkpoints kept"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16"), "help": (
+        "GEMM precision: auto = bf16 autocast on GPU, fp32 on CPU; bf16 on CPU needs native bf16 "
+        "(AVX512-BF16/AMX): bf16 GEMMs, fp32 weights, norms, RG-LRU and loss")})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward to save memory"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+    tensorboard: bool = field(default=True, metadata={"help": "do not write TensorBoard logs even if installed"})
+    plot: bool = field(default=True, metadata={"help": "do not draw loss_curve.png at the end"})
+    sample_tokens: int = field(default=200, metadata={"help": "tokens to generate at the end"})
+    sample_prompt: str = field(default="def ", metadata={"help": "prompt of the final sample"})
+    sample_temperature: float = field(default=0.7, metadata={"help": "temperature of the final sample"})
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "keep_last"):

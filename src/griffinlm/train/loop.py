@@ -12,17 +12,19 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import (CheckpointError, check_config, list_checkpoints, load_optimizer, load_weights,
                           read_checkpoint, restore_rng, save_checkpoint)
 from ..config import ModelConfig
 from ..data import Batch
 from ..model import LanguageModel
+from ..parallel import (ParallelContext, ShardedSampler, launched_by_torchrun, mixed_precision_policy, parallelize,
+                        setup_distributed)
 from ..precision import autocast, compute_dtype
 from .config import TrainConfig
 from .data import open_run_data
 from .optim import lr_at, make_optimizer
+from .step import masked_nats, optimizer_step
 from .records import MetricsLog, plot_loss_curve, progress_bar
 
 LN2 = math.log(2.0)
@@ -34,12 +36,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available")
     return torch.device(device)
-
-
-def masked_nats(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Sum over counted targets of -log p(target) in nats (fp32 scalar). logits: (B, T, V)."""
-    targets = batch.targets.masked_fill(~batch.loss_mask, -100)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()
@@ -77,9 +73,9 @@ class Trainer:
     def __init__(self, model_config: ModelConfig | None, config: TrainConfig, out_dir: str,
                  resume: bool = False, kill_at_step: int | None = None, tp: int = 1, fsdp: bool = False):
         self.cfg, self.out_dir, self._kill_at_step = config, out_dir, kill_at_step
-        # Under torchrun (or with --tp/--fsdp): a (dp, tp) mesh; None in a single process.
+        # Under torchrun (or with --tp/--fsdp): a (dp, tp) mesh; in one process, degree 1.
         self.par = _parallel_context(tp, fsdp, config.device)
-        self.is_main = self.par is None or self.par.is_main
+        self.is_main = self.par.is_main
         os.makedirs(out_dir, exist_ok=True)
         ckpt = self._find_resume_checkpoint() if resume else None
         if not resume and list_checkpoints(out_dir):
@@ -97,13 +93,12 @@ class Trainer:
         if model_config is None:
             raise ValueError("no model given and nothing to resume: pass --model PRESET")
 
-        self.device = resolve_device(config.device) if self.par is None else self.par.device
+        self.device = self.par.device
         compute_dtype(self.device, config.dtype)  # bf16 on a CPU without it: refused before any work
         micro = config.batch_size // config.grad_accum
         self.data = open_run_data(config.data, config.tokenizer, config.text_field, config.seq_len, micro,
                                   config.seed, verbose=config.progress and self.is_main)
-        if self.par is not None:  # each DP rank reads its rows of every global micro-batch
-            from ..parallel import ShardedSampler
+        if self.par.distributed:  # each DP rank reads its rows of every global micro-batch
             self.data.sampler = ShardedSampler(self.data.sampler, self.par)
         if model_config.vocab_size < self.data.vocab_size:
             raise ValueError(f"model vocab_size {model_config.vocab_size} is smaller than the data needs "
@@ -113,15 +108,14 @@ class Trainer:
         random.seed(config.seed)
         self.model = LanguageModel(model_config).to(self.device)
         self.model.gradient_checkpointing = config.grad_checkpointing
-        if self.par is not None:
-            from ..parallel import mixed_precision_policy, parallelize
+        if self.par.distributed:
             parallelize(self.model, self.par, fsdp, mixed_precision_policy(self.device))
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay,
                                         (config.beta1, config.beta2), config.eps)
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
         self.metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl") if self.is_main else os.devnull,
                                   os.path.join(out_dir, "tensorboard") if config.tensorboard and self.is_main else None)
-        if ckpt is not None and (self.par is not None or _is_distributed_checkpoint(ckpt.path)):
+        if ckpt is not None and (self.par.distributed or _is_distributed_checkpoint(ckpt.path)):
             from ..parallel.checkpoint import load_training_state
             load_training_state(ckpt, self.model, self.optimizer)  # any saved layout -> this one
         elif ckpt is not None:
@@ -155,44 +149,22 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step over `batch_size` sequences. Returns the step's metrics."""
-        cfg, model = self.cfg, self.model
+        cfg = self.cfg
         micro = [self.data.sampler.next_batch() for _ in range(cfg.grad_accum)]
-        n_targets = sum(b.num_targets for b in micro)
-        n_bytes = sum(b.num_bytes for b in micro)
-        if self.par is not None:  # the whole global batch's counts
-            from ..parallel import dp_sum
-            n_targets, n_bytes = dp_sum([n_targets, n_bytes], self.par)
         lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        nats = torch.zeros((), device=self.device)
-        for b in micro:
-            b = b.to(self.device)
-            with autocast(self.device, cfg.dtype):
-                logits = model(b.tokens, segment_pos=b.segment_pos)
-            loss_sum = masked_nats(logits, b)
-            (loss_sum / max(n_targets, 1)).backward()  # the mean over the whole step's targets
-            nats += loss_sum.detach()
-        if self.par is None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        else:
-            from ..parallel import clip_grad_norm_, dp_sum
-            grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            nats = torch.tensor(dp_sum([float(nats)], self.par)[0])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        total = float(nats)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"loss is {total} at step {self.step}; lower --lr or check the data")
-        return {"loss": total / max(n_targets, 1), "bits_per_byte": total / LN2 / max(n_bytes, 1e-9),
-                "lr": lr, "grad_norm": float(grad_norm)}
+        try:
+            r = optimizer_step(self.model, self.optimizer, micro, self.par, lr=lr, grad_clip=cfg.grad_clip,
+                               dtype=cfg.dtype)
+        finally:
+            self.step += 1
+        return {"loss": r.loss, "bits_per_byte": r.nats / LN2 / max(r.bytes, 1e-9), "lr": lr,
+                "grad_norm": r.grad_norm}
 
     def save(self) -> str:
         state = {"train_config": self.cfg.to_dict(), "data": self.data.sampler.state_dict(),
                  "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
                  "tokenizer": self.data.tokenizer.to_dict()}
-        if self.par is not None:
+        if self.par.distributed:
             from ..parallel.checkpoint import save_training_checkpoint
             return save_training_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state,
                                             self.cfg.keep_last, self.par.layout())
@@ -264,7 +236,7 @@ class Trainer:
         from ..inference.text import generate_text  # inference imports the model, never train
 
         model = self.model
-        if self.par is not None:  # generation runs on one plain copy, on rank 0
+        if self.par.distributed:  # generation runs on one plain copy, on rank 0
             from ..parallel.checkpoint import gather_model
             model = gather_model(self.model)
             if model is None:
@@ -282,14 +254,13 @@ class Trainer:
         return cfg.sample_prompt + text
 
 
-def _parallel_context(tp: int, fsdp: bool, device: str):
-    """The distributed context when launched by torchrun or asked for (--tp/--fsdp), else None."""
-    from ..parallel.mesh import launched_by_torchrun
+def _parallel_context(tp: int, fsdp: bool, device: str) -> ParallelContext:
+    """The distributed context when launched by torchrun or asked for (--tp/--fsdp), else a
+    single-process context (degree 1, no process group) on `device`."""
     if tp == 1 and not fsdp and not launched_by_torchrun():
-        return None
-    from ..parallel import setup_distributed
+        return ParallelContext(None, resolve_device(device))
     ctx = setup_distributed(tp, device)
-    return ctx if ctx.distributed else None
+    return ctx if ctx.distributed else ParallelContext(None, resolve_device(device))
 
 
 def _is_distributed_checkpoint(path: str) -> bool:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import scan_numba
-from .linear_scan import linear_scan
+from .. import numba_common
+from ..scan import linear_scan
 
-# Gradient of sqrt(u) at u -> 0 is unbounded; a_t -> 1 drives 1 - a_t^2 -> 0. Clip it.
+# Gradient of sqrt(u) at u -> 0 is unbounded; a_t -> 1 drives 1 - a_t^2 -> 0. Clip it (here and
+# in the fused kernel, `lru.numba`).
 MAX_SQRT_GRADIENT = 1000.0
 
 
@@ -72,6 +73,13 @@ def rglru_gates(
     return a_t, x.to(acc) * i * mult
 
 
+def fusable(x: torch.Tensor) -> bool:
+    """Whether `rglru` picks the fused kernel by default: numba available and x on the CPU, in
+    any dtype but float64 (the kernel converts to float32 and back; float64 is the tests'
+    reference). Wider than `numba_common.cpu_fusable`, which wants float32 only."""
+    return x.device.type == "cpu" and x.dtype != torch.float64 and numba_common.available()
+
+
 def rglru(
     x: torch.Tensor, gate_r: torch.Tensor, gate_i: torch.Tensor, log_a: torch.Tensor,
     c: float = 8.0, reset: torch.Tensor | None = None, h0: torch.Tensor | None = None,
@@ -93,14 +101,13 @@ def rglru(
         y: (B, T, D) float32 states h_t (the RG-LRU output); h_last: (B, D) float32.
     """
     if impl is None:
-        fusable = x.device.type == "cpu" and x.dtype != torch.float64 and scan_numba.available()
-        impl = "fused" if fusable else "composed"
+        impl = "fused" if fusable(x) else "composed"
     if impl == "fused":
-        from .rglru_numba import RGLRUNumba
+        from .numba import RGLRUNumba
 
         if reset is not None and reset.dtype != torch.bool:
             reset = reset.bool()
-        scan_numba.FUSED_CALLS["rglru"] += 1
+        numba_common.FUSED_CALLS["rglru"] += 1
         return RGLRUNumba.apply(x, gate_r, gate_i, log_a, c, reset, h0, unscaled_reset)
     if impl != "composed":
         raise ValueError(f"rglru: unknown impl {impl!r}; expected 'fused' or 'composed'")

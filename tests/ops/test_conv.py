@@ -1,12 +1,11 @@
-"""Causal depthwise Conv1D (ops/causal_conv1d.py): numba kernels and the torch paths against a
+"""Causal depthwise Conv1D (ops/conv): numba kernels and the torch paths against a
 float64 loop over every (token, lag), with document limits, carried state and all gradients."""
 import pytest
 import torch
 
-from griffinlm.ops import causal_conv1d, causal_conv1d_reference, scan_numba
-from griffinlm.ops.causal_conv1d import fusable
-
-needs_numba = pytest.mark.skipif(not scan_numba.available(), reason="numba not installed")
+from griffinlm.ops import causal_conv1d, causal_conv1d_reference
+from griffinlm.ops.conv import fusable
+from harness import check_against_reference, needs_numba
 
 
 def naive(x, w, b, lags, state):
@@ -49,10 +48,6 @@ def inputs(B, T, C, W, bias, seed=0):
     return x, w, (torch.randn(C) if bias else None)
 
 
-def leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_()
-
-
 @needs_numba
 @pytest.mark.parametrize("B,T,C,W", [(1, 1, 3, 4), (2, 3, 5, 4), (3, 37, 24, 4), (2, 130, 16, 5),
                                      (1, 9, 8, 1), (2, 70, 7, 2)])
@@ -66,20 +61,9 @@ def test_fused_conv_matches_float64_loop(B, T, C, W, packed, with_state, bias):
         lags = lags + 2 * (torch.arange(T) == lags)  # documents that began in the state
     state = torch.randn(B, W - 1, C) if with_state else None
     assert fusable(x, w, b, state)
-
-    ins32 = [leaf(x), leaf(w), leaf(b)]
-    ins64 = [leaf(t.double()) if t is not None else None for t in ins32]
-    y = causal_conv1d(*ins32, lags, state)
-    assert y.grad_fn is not None and "CausalConv1d" in type(y.grad_fn).__name__  # the numba path ran
-    ref = naive(*ins64, lags, None if state is None else state.double())
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
-
-    g = torch.randn(B, T, C, dtype=torch.float64)
-    want = [t for t in ins32 if t is not None]
-    got = torch.autograd.grad(y, want, g.float())
-    exp = torch.autograd.grad(ref, [t for t in ins64 if t is not None], g)
-    for name, a, e in zip(("dx", "dweight", "dbias"), got, exp):
-        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4, msg=name)
+    state64 = None if state is None else state.double()
+    check_against_reference("causal_conv1d", lambda *t: causal_conv1d(*t, lags, state),
+                            lambda *t: naive(*t, lags, state64), [x, w, b], grad_names=("dx", "dweight", "dbias"))
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -10,7 +10,7 @@ block, which holds every key any of its queries may see. The blocks go through b
 `scaled_dot_product_attention` calls (query heads sharing a kv head folded into the rows),
 masked with one (block, P + block) pattern shared by every block past the first window (and
 per-block masks for the first blocks, or for all of them with documents), so time and memory
-grow as T * (window + block), not T^2. The dense masked reference is `attention_reference.py`.
+grow as T * (window + block), not T^2. The dense masked reference is `attention/reference.py`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention_reference import attention_mask
+from .reference import attention_mask
 
 # Query block length: smaller blocks waste less on masked-out keys (the span is P + block
 # for block queries), larger ones amortise per-block overhead. With one kv head the query

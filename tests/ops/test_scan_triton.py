@@ -22,7 +22,7 @@ CASES = [(1, 16, False, "mixed"), (7, 16, True, "one"), (9, 5, True, "zero"), (3
 
 def run_checks(device: str) -> None:
     sys.path.insert(0, str(HERE))
-    from test_ops_scan import check, make_a
+    from test_scan import check, make_a
 
     for T, D, with_h0, kind in CASES:
         gen = torch.Generator().manual_seed(T)
@@ -41,7 +41,7 @@ def run_checks(device: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_triton_scan_on_gpu():
     run_checks("cuda")
-    from test_ops_scan import check
+    from test_scan import check
 
     gen = torch.Generator().manual_seed(1)
     a = torch.rand(2, 4097, 300, generator=gen, dtype=torch.float64)
@@ -51,7 +51,7 @@ def test_triton_scan_on_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_triton_scan_under_torch_compile():
-    from griffinlm.ops.scan_triton import linear_scan_triton
+    from griffinlm.ops.scan.triton import linear_scan_triton
 
     a = torch.rand(2, 300, 64, device="cuda", requires_grad=True)
     x = torch.randn(2, 300, 64, device="cuda", requires_grad=True)
@@ -73,7 +73,7 @@ def test_triton_scan_under_torch_compile():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test covers it")
 def test_triton_scan_interpreter_on_cpu():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_ops_scan_triton as m; m.run_checks('cpu')"
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_scan_triton as m; m.run_checks('cpu')"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr and "triton" in proc.stderr:
         pytest.skip("triton interpreter unavailable")

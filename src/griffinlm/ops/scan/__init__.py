@@ -2,8 +2,8 @@
 
     h_t = a_t * h_{t-1} + x_t,   t = 0 .. T-1,   h_{-1} = h0 (or 0)
 
-Fast kernels plug in behind this name (CPU: numba, `scan_numba.py`; CUDA: Triton,
-`scan_triton.py`); the pure-torch Function here is the compiler-free fallback. Callers
+Fast kernels plug in behind this name (CPU: numba, `scan/numba.py`; CUDA: Triton,
+`scan/triton.py`); the pure-torch Function here is the compiler-free fallback. Callers
 need not pick one; `impl=` forces one for tests and benchmarks. Whatever the
 input dtype, the recurrence accumulates in float32 and the states are returned in float32,
 because the RG-LRU keeps its state in fp32.
@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from . import scan_numba
-from .scan_reference import linear_scan_reference  # noqa: F401  (re-exported for tests)
+from .. import numba_common
+from .reference import linear_scan_reference
 
 
 def _check_inputs(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> None:
@@ -87,7 +87,7 @@ def _triton_usable(x: torch.Tensor) -> bool:
     if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
     try:
-        from . import scan_triton  # noqa: F401
+        from . import triton  # noqa: F401
     except Exception:  # triton missing or broken: the torch Function still works on CUDA
         return False
     return True
@@ -97,7 +97,7 @@ def available_impls(device: str | torch.device = "cpu") -> list[str]:
     """Implementations `linear_scan(..., impl=...)` can run on tensors of this device."""
     probe = torch.empty(0, device=device)
     out = ["reference", "torch"]
-    if probe.device.type == "cpu" and scan_numba.available():
+    if probe.device.type == "cpu" and numba_common.available():
         out.append("numba")
     if _triton_usable(probe):
         out.append("triton")
@@ -110,7 +110,7 @@ def default_impl(x: torch.Tensor) -> str:
         return "torch"  # the fast kernels accumulate in float32
     if x.is_cuda:
         return "triton" if _triton_usable(x) else "torch"
-    if x.device.type == "cpu" and scan_numba.available():
+    if x.device.type == "cpu" and numba_common.available():
         return "numba"
     return "torch"
 
@@ -134,12 +134,14 @@ def linear_scan(
     _check_inputs(a, x, h0)
     impl = default_impl(x) if impl is None else impl
     if impl == "numba":
-        if not scan_numba.available():
+        if not numba_common.available():
             raise RuntimeError("linear_scan: impl='numba' requested but numba is not importable")
-        scan_numba.FUSED_CALLS["linear_scan"] += 1
-        return scan_numba.LinearScanNumba.apply(a, x, h0)
+        from .numba import LinearScanNumba
+
+        numba_common.FUSED_CALLS["linear_scan"] += 1
+        return LinearScanNumba.apply(a, x, h0)
     if impl == "triton":
-        from .scan_triton import linear_scan_triton
+        from .triton import linear_scan_triton
 
         return linear_scan_triton(a, x, h0)
     if impl == "torch":

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from . import scan_numba
-from .scan_numba import numpy_copy
+from .. import numba_common
+from ..numba_common import numpy_copy
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
@@ -25,13 +25,13 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_o
 
 def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Plain float32 CPU tensors, numba present, not being traced by torch.compile."""
-    return scan_numba.cpu_fusable(x, weight) and x.numel() > 0
+    return numba_common.cpu_fusable(x, weight) and x.numel() > 0
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, unit_offset):
-        from .rms_norm_numba import forward
+        from .numba import forward
 
         D = x.shape[-1]
         x2 = x.contiguous().view(-1, D)
@@ -44,7 +44,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from .rms_norm_numba import CHUNK_ROWS, backward
+        from .numba import CHUNK_ROWS, backward
 
         x2, weight, inv = ctx.saved_tensors
         g = grad.contiguous().view(x2.shape)
@@ -61,5 +61,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, unit_offs
         raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
     if not fusable(x, weight):
         return rms_norm_reference(x, weight, eps, unit_offset)
-    scan_numba.FUSED_CALLS["rms_norm"] += 1
+    numba_common.FUSED_CALLS["rms_norm"] += 1
     return _RMSNorm.apply(x, weight, float(eps), bool(unit_offset))

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from numba import njit, prange
 
+from ..numba_common.jit import f32
+
 CHUNK_ROWS = 64
-f32 = np.float32
 
 
 @njit(fastmath=True, inline="always")

@@ -1,7 +1,7 @@
 """Dense masked reference for causal (optionally sliding-window, document-aware) attention.
 
 Builds the full (T_q, T_k) mask, so memory is quadratic: the blocked kernel in
-`local_attention.py` is tested against this.
+`attention/__init__.py` is tested against this.
 """
 from __future__ import annotations
 

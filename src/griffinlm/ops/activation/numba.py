@@ -1,15 +1,16 @@
 """numba kernels of `gated_activation` (see there for the formulas): (N, M) float32 arrays,
 rows in parallel chunks, (M,) biases (zeros when absent: a branch in the loop stops it from
 vectorising, an add of a cached vector costs nothing), the sigmoid through
-`rglru_numba.exp32` (a polynomial LLVM vectorises; numba has no vector libm)."""
+`numba_common.jit.exp32` (a polynomial LLVM vectorises; numba has no vector libm). `code` is
+the kind's code in `ACTIVATIONS`: gelu_tanh, else silu (swish with beta 1)."""
 from __future__ import annotations
 
-import numpy as np
 from numba import njit, prange
 
-from .rglru_numba import exp32
+from ..numba_common.jit import exp32, f32
+from . import ACTIVATIONS
 
-f32 = np.float32
+GELU_TANH = ACTIVATIONS["gelu_tanh"]
 K2 = f32(2.0 * 0.7978845608028654)  # 2 sqrt(2 / pi)
 A = f32(0.044715)
 CHUNK_ROWS = 16
@@ -18,7 +19,7 @@ CHUNK_ROWS = 16
 @njit(fastmath=True, inline="always")
 def _sig_arg(g, code):
     """The argument z of sigmoid(z) in act(g) = g * sigmoid(z), and dz/dg."""
-    if code == 0:
+    if code == GELU_TANH:
         return K2 * (g + A * g * g * g), K2 * (f32(1.0) + f32(3.0) * A * g * g)
     return g, f32(1.0)
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import scan_numba
-from .scan_numba import numpy_copy
+from .. import numba_common
+from ..numba_common import numpy_copy
 
 
 def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -41,7 +41,7 @@ def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, st
     wanted for `state`, and not inside torch.compile (which fuses the composition itself)."""
     if state is not None and state.requires_grad:
         return False
-    return scan_numba.cpu_fusable(x, weight, bias, state) and x.shape[1] > 0
+    return numba_common.cpu_fusable(x, weight, bias, state) and x.shape[1] > 0
 
 
 def _lags_np(lags: torch.Tensor | None, B: int, T: int):
@@ -53,7 +53,7 @@ def _lags_np(lags: torch.Tensor | None, B: int, T: int):
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lags, state):
-        from .causal_conv1d_numba import forward
+        from .numba import forward
 
         B, T, C = x.shape
         x = x.contiguous()
@@ -68,7 +68,7 @@ class _CausalConv1d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from .causal_conv1d_numba import backward, empty_partials
+        from .numba import backward, empty_partials
 
         x, w, st = ctx.saved_tensors
         B, T, C = x.shape
@@ -102,7 +102,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"causal_conv1d: x (B, T, C) and weight (W, C) expected, got {tuple(x.shape)} "
                          f"and {tuple(weight.shape)}")
     if fusable(x, weight, bias, state):
-        scan_numba.FUSED_CALLS["causal_conv1d"] += 1
+        numba_common.FUSED_CALLS["causal_conv1d"] += 1
         return _CausalConv1d.apply(x, weight, bias, lags, state)
     if lags is None and state is None:
         W, C = weight.shape

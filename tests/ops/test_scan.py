@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from griffinlm.ops import linear_scan, linear_scan_reference
-from griffinlm.ops import linear_scan as linear_scan_mod  # noqa: F401
-from griffinlm.ops import scan_numba
-from griffinlm.ops.linear_scan import available_impls, default_impl
+from griffinlm.ops import linear_scan, linear_scan_reference, numba_common
+from griffinlm.ops.scan import available_impls, default_impl
+from harness import assert_close_scaled as close
+from harness import fast_path
 
 CPU_IMPLS = [i for i in available_impls("cpu") if i in ("torch", "numba")]
 CUDA_IMPLS = [i for i in available_impls("cuda") if i in ("torch", "triton")] if torch.cuda.is_available() else []
@@ -33,13 +33,6 @@ def reference_grads(a, h, h0, g, g_last):
     return dx * h_prev, dx, carry
 
 
-def close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
-    """Max error relative to the reference's scale (states can grow like T when a = 1)."""
-    err = (got.double() - want).abs().max().item() if want.numel() else 0.0
-    scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
-    assert err <= tol * scale, f"error {err:.3g} vs scale {scale:.3g}"
-
-
 def check(device, impl, a64, x64, h064, dtype=torch.float32, tol=None, gen=None):
     # fp32 rounding errors accumulate like a random walk over time.
     tol = tol if tol is not None else 3e-6 * max(1.0, a64.shape[1] ** 0.5 / 10)
@@ -47,25 +40,24 @@ def check(device, impl, a64, x64, h064, dtype=torch.float32, tol=None, gen=None)
     a = a64.to(device, dtype).requires_grad_()
     x = x64.to(device, dtype).requires_grad_()
     h0 = None if h064 is None else h064.to(device, dtype).requires_grad_()
-    calls = scan_numba.FUSED_CALLS["linear_scan"]
-    h, h_last = linear_scan(a, x, h0, impl=impl)
-    assert scan_numba.FUSED_CALLS["linear_scan"] == calls + (impl == "numba")  # the kernel asked for ran
+    with fast_path("linear_scan", runs=int(impl == "numba")):  # the kernel asked for ran
+        h, h_last = linear_scan(a, x, h0, impl=impl)
     assert h.dtype == torch.float32 and h_last.dtype == torch.float32
     # The reference sees exactly the (possibly rounded) inputs the kernel saw.
     ar, xr = a.detach().cpu().double(), x.detach().cpu().double()
     h0r = None if h0 is None else h0.detach().cpu().double()
     hr, hlr = linear_scan_reference(ar, xr, h0r)
-    close(h.cpu(), hr, tol)
-    close(h_last.cpu(), hlr, tol)
+    close(h.cpu(), hr, tol, "h")
+    close(h_last.cpu(), hlr, tol, "h_last")
     g = torch.randn(h.shape, generator=gen, dtype=torch.float64)
     gl = torch.randn(h_last.shape, generator=gen, dtype=torch.float64)
     ((h * g.to(device, h.dtype)).sum() + (h_last * gl.to(device, h.dtype)).sum()).backward()
     da, dx, dh0 = reference_grads(ar, hr, h0r, g, gl)
     assert a.grad.dtype == dtype and x.grad.dtype == dtype
-    close(a.grad.cpu(), da, tol)
-    close(x.grad.cpu(), dx, tol)
+    close(a.grad.cpu(), da, tol, "da")
+    close(x.grad.cpu(), dx, tol, "dx")
     if h0 is not None:
-        close(h0.grad.cpu(), dh0, tol)
+        close(h0.grad.cpu(), dh0, tol, "dh0")
 
 
 def test_reference_grads_match_autograd():
@@ -155,9 +147,9 @@ def test_scan_empty_time(device, impl):
 
 def test_dispatch_defaults_and_fallback(monkeypatch):
     x = torch.zeros(1, 2, 3)
-    assert default_impl(x) == ("numba" if scan_numba.available() else "torch")
+    assert default_impl(x) == ("numba" if numba_common.available() else "torch")
     assert default_impl(x.double()) == "torch"
-    monkeypatch.setattr(scan_numba, "available", lambda: False)
+    monkeypatch.setattr(numba_common, "available", lambda: False)
     assert default_impl(x) == "torch"
     h, _ = linear_scan(torch.full((1, 3, 2), 0.5), torch.ones(1, 3, 2))
     torch.testing.assert_close(h[0, :, 0], torch.tensor([1.0, 1.5, 1.75]))

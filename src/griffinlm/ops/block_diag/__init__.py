@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .scan_numba import FUSED_CALLS
+from ..numba_common import FUSED_CALLS, plain_cpu
 
 MIN_ROWS = 64
 
@@ -30,12 +30,10 @@ def block_diagonal_linear_reference(x: torch.Tensor, weights: list[torch.Tensor]
 
 
 def _fusable(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:
-    if torch.compiler.is_compiling() or x.device.type != "cpu":
-        return False
-    tensors = [x, *weights, *(b for b in biases if b is not None)]
-    # per-block matmuls pay off over many rows; a decoding step's few rows stay with einsum
-    return (all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == x.dtype for t in tensors)
-            and x.numel() >= MIN_ROWS * x.shape[-1])
+    """Plain CPU tensors of x's dtype (any: these are torch matmuls, not numba kernels), not under
+    torch.compile, and enough rows: per-block matmuls pay off over many rows; a decoding step's
+    few rows stay with einsum."""
+    return plain_cpu(x, *weights, *biases, dtype=x.dtype) and x.numel() >= MIN_ROWS * x.shape[-1]
 
 
 class _BlockDiagonalLinear(torch.autograd.Function):

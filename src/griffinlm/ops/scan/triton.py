@@ -12,7 +12,7 @@ The backward scan loads its tiles in descending time order, so the same forward
 Registered with `torch.library.triton_op` ("griffinlm::scan_fwd" / "griffinlm::scan_bwd")
 plus `register_autograd`, so `torch.compile` traces through it. With TRITON_INTERPRET=1
 (set before triton is imported) the kernels also run on CPU tensors, which is how the
-tests check them without a GPU. Reference: `scan_reference.linear_scan_reference`.
+tests check them without a GPU. Reference: `scan.reference.linear_scan_reference`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fused RG-LRU on CPU (numba): gates, log-space decay, sqrt(1 - a^2) and the scan in one pass.
 
-Per element (see `rglru.rglru_gates` for the reference composition it must equal):
+Per element (see `lru.rglru_gates` for the reference composition it must equal):
 
     r = sigmoid(gate_r), i = sigmoid(gate_i), log a_t = c r log_a, a_t = exp(log a_t)
     m = sqrt(1 - a_t^2) = sqrt(-expm1(2 log a_t))     (m = 1 at an unscaled reset)
@@ -8,43 +8,22 @@ Per element (see `rglru.rglru_gates` for the reference composition it must equal
 
 The unfused composition makes about a dozen full passes over (B, T, D) tensors and saves
 as many for backward; here forward reads gate_r, gate_i, x once and writes h, and
-backward recomputes the gates from them. exp is a Cody-Waite + polynomial written in
-arithmetic numba can vectorise (numba has no vector libm unless Intel SVML is installed).
+backward recomputes the gates from them. exp is `numba_common.jit.exp32`.
 The derivative of sqrt is clipped to MAX_SQRT_GRADIENT as in `sqrt_bounded_grad`.
+
+This module imports numba: `rglru` imports it only once `numba_common.available()`.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+from numba import njit, prange
 
-from . import scan_numba
-from .buffer_pool import empty_float32
-
-MAX_SQRT_GRADIENT = 1000.0
-
-
-# numba is imported here, at module level, so that cache=True works (closures over other
-# jitted functions are not cached); this module is only imported once numba is known to exist.
-import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
-
-# No 'reassoc': it would fold the two-part ln 2 of the range reduction back together.
-fm = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
-f32 = np.float32
-
-
-@njit(fastmath=fm, inline="always")
-def exp32(x):
-    x = min(max(x, f32(-87.0)), f32(88.0))
-    n = np.floor(x * f32(1.44269504) + f32(0.5))
-    r = x - n * f32(0.693359375) - n * f32(-2.12194440e-4)
-    p = f32(1.9875691500e-4)
-    p = p * r + f32(1.3981999507e-3)
-    p = p * r + f32(8.3334519073e-3)
-    p = p * r + f32(4.1665795894e-2)
-    p = p * r + f32(1.6666665459e-1)
-    p = p * r + f32(5.0000001201e-1)
-    p = p * r * r + r + f32(1.0)
-    return p * np.int32((np.int32(n) + 127) << 23).view(np.float32)
+from ..buffer_pool import empty_float32
+from ..numba_common import as_f32, scan_backward, scan_forward
+from ..numba_common.jit import FASTMATH as fm
+from ..numba_common.jit import channel_job, exp32, f32, previous_state
+from . import MAX_SQRT_GRADIENT
 
 
 @njit(fastmath=fm, inline="always")
@@ -69,9 +48,7 @@ def fwd(x, gr, gi, log_a, c, reset, has_reset, unscaled, h0, has_h0, h, h_last, 
     n_chunks = (D + chunk - 1) // chunk
     c = f32(c)
     for job in prange(B * n_chunks):
-        b = job // n_chunks
-        d0 = (job % n_chunks) * chunk
-        d1 = min(d0 + chunk, D)
+        b, d0, d1 = channel_job(job, n_chunks, chunk, D)
         n = d1 - d0
         la = log_a[d0:d1]
         state = np.zeros(n, dtype=np.float32)
@@ -104,9 +81,7 @@ def bwd(x, gr, gi, log_a, c, reset, has_reset, unscaled, h0, has_h0, h, g, has_g
     c = f32(c)
     inv_max = f32(1.0 / MAX_SQRT_GRADIENT)
     for job in prange(B * n_chunks):
-        b = job // n_chunks
-        d0 = (job % n_chunks) * chunk
-        d1 = min(d0 + chunk, D)
+        b, d0, d1 = channel_job(job, n_chunks, chunk, D)
         n = d1 - d0
         la = log_a[d0:d1]
         carry = np.empty(n, dtype=np.float32)
@@ -117,12 +92,7 @@ def bwd(x, gr, gi, log_a, c, reset, has_reset, unscaled, h0, has_h0, h, g, has_g
             rs = has_reset and reset[b, t]
             keep = f32(0.0) if rs else f32(1.0)
             unit = rs and unscaled
-            if t > 0:
-                hp = h[b, t - 1, d0:d1]
-            elif has_h0:
-                hp = h0[b, d0:d1]
-            else:
-                hp = zeros
+            hp = previous_state(h, h0, has_h0, zeros, b, t, d0, d1)
             if has_g:
                 gt = g[b, t, d0:d1]
                 for d in range(n):
@@ -152,14 +122,12 @@ def bwd(x, gr, gi, log_a, c, reset, has_reset, unscaled, h0, has_h0, h, g, has_g
         dh0[b, d0:d1] = carry
 
 
-
-def kernels():
-    """The fused forward and backward kernels (compiled on first call, then cached on disk)."""
-    return fwd, bwd
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).contiguous()
+def _inputs(x, gate_r, gate_i, log_a, c, reset, unscaled) -> tuple:
+    """The kernels' leading arguments (before h0): float32 arrays, c, the resets (a dummy when
+    absent) and the flags."""
+    reset_np = (reset.contiguous() if reset is not None else torch.zeros(1, 1, dtype=torch.bool)).numpy()
+    return (as_f32(x).numpy(), as_f32(gate_r).numpy(), as_f32(gate_i).numpy(), as_f32(log_a).numpy(), float(c),
+            reset_np, reset is not None, bool(unscaled))
 
 
 class RGLRUNumba(torch.autograd.Function):
@@ -167,39 +135,19 @@ class RGLRUNumba(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_r, gate_i, log_a, c, reset, h0, unscaled_reset):
-        fwd, _ = kernels()
-        B, T, D = x.shape
-        h = empty_float32(B, T, D)
-        h_last = torch.empty(B, D, dtype=torch.float32)
-        reset_np = (reset.contiguous() if reset is not None else torch.zeros(1, 1, dtype=torch.bool)).numpy()
-        h0_32 = _f32(h0) if h0 is not None else h_last
-        if T == 0:
-            h_last.copy_(h0_32 if h0 is not None else torch.zeros(B, D))
-        else:
-            fwd(_f32(x).numpy(), _f32(gate_r).numpy(), _f32(gate_i).numpy(), _f32(log_a).numpy(), float(c),
-                reset_np, reset is not None, bool(unscaled_reset), h0_32.numpy(), h0 is not None,
-                h.numpy(), h_last.numpy(), scan_numba.chunk_size(B, D))
+        h, h_last = scan_forward(fwd, _inputs(x, gate_r, gate_i, log_a, c, reset, unscaled_reset), x.shape, h0)
         ctx.save_for_backward(x, gate_r, gate_i, log_a, reset, h0, h)
         ctx.c, ctx.unscaled = float(c), bool(unscaled_reset)
         return h, h_last
 
     @staticmethod
     def backward(ctx, grad_h, grad_last):
-        _, bwd = kernels()
         x, gate_r, gate_i, log_a, reset, h0, h = ctx.saved_tensors
         B, T, D = x.shape
-        g_last = _f32(grad_last) if grad_last is not None else torch.zeros(B, D)
-        g = _f32(grad_h) if grad_h is not None else torch.zeros(1, 1, 1)
-        reset_np = (reset.contiguous() if reset is not None else torch.zeros(1, 1, dtype=torch.bool)).numpy()
-        h0_32 = _f32(h0) if h0 is not None else g_last
         dx, dgr, dgi = (empty_float32(B, T, D) for _ in range(3))
         dlog_a = torch.zeros(B, D, dtype=torch.float32)
-        dh0 = g_last.clone()
-        if T > 0:
-            bwd(_f32(x).numpy(), _f32(gate_r).numpy(), _f32(gate_i).numpy(), _f32(log_a).numpy(), ctx.c,
-                reset_np, reset is not None, ctx.unscaled, h0_32.numpy(), h0 is not None, h.numpy(),
-                g.numpy(), grad_h is not None, g_last.numpy(), dx.numpy(), dgr.numpy(), dgi.numpy(),
-                dlog_a.numpy(), dh0.numpy(), scan_numba.chunk_size(B, D))
+        inputs = _inputs(x, gate_r, gate_i, log_a, ctx.c, reset, ctx.unscaled)
+        dh0 = scan_backward(bwd, inputs, h, h0, grad_h, grad_last, (dx, dgr, dgi, dlog_a))
         return (
             dx.to(x.dtype), dgr.to(gate_r.dtype), dgi.to(gate_i.dtype),
             dlog_a.sum(0).to(log_a.dtype), None, None,

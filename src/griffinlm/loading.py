@@ -1,0 +1,106 @@
+"""`griffinlm.load`: the one way to read a model and its tokenizer from a directory.
+
+Every directory griffinlm writes or reads is accepted:
+  - a training run (`griffinlm train --out DIR`): its newest checkpoint;
+  - a checkpoint directory (`save_checkpoint`, `griffinlm convert --from-hf`): verified against
+    its manifest (sizes and sha256) before anything is loaded;
+  - a weights directory: config.json holding a `ModelConfig` + model.safetensors (what
+    `quantize.save_quantized` writes; a quantized file loads back quantized);
+  - a `transformers` RecurrentGemma directory (config.json with model_type recurrent_gemma),
+    converted while it is read (`interop.load_recurrentgemma`; `transformers` is not needed).
+
+The tokenizer is `tokenizer` when given ('byte' or a tokenizer file), else the one recorded in
+the checkpoint's trainer.json, else the tokenizer files in the directory (tokenizer.json /
+tokenizer.model), else the byte tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .checkpoint import CheckpointError, checkpoint_dir, load_model, load_weights_file, resolve_checkpoint
+from .config import ModelConfig
+from .data import Tokenizer, load_tokenizer
+from .model import LanguageModel
+
+__all__ = ["load"]
+
+
+def _config_json(path: str) -> dict | None:
+    fp = os.path.join(path, "config.json")
+    if not os.path.isfile(fp):
+        return None
+    try:
+        with open(fp) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"corrupt {fp}: {e}") from None
+
+
+def _weights_dir(path: str, raw: dict, device: torch.device | str) -> LanguageModel:
+    try:
+        config = ModelConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')} is not a griffinlm ModelConfig ({e})") from None
+    model = LanguageModel(config).to(device)
+    load_weights_file(os.path.join(path, "model.safetensors"), model)
+    return model
+
+
+def _directory_tokenizer(path: str) -> Tokenizer | None:
+    from .interop.tokenizer import find_tokenizer_file, load_tokenizer as load_directory_tokenizer
+
+    return load_directory_tokenizer(path) if find_tokenizer_file(path) else None
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None,
+         tokenizer: str | None = None, quantize: str | None = None) -> tuple[LanguageModel, Tokenizer]:
+    """(model in eval mode, tokenizer) from a run, checkpoint, weights or RecurrentGemma directory
+    (see the module docstring).
+
+    Args:
+        path: the directory.
+        device: where the model goes.
+        dtype: parameter dtype (default: as stored; RecurrentGemma: its config's torch_dtype).
+        tokenizer: override the tokenizer ('byte' or a tokenizer file).
+        quantize: "int8" or "bf16" weight-only quantization after loading (`griffinlm.quantize`).
+
+    Raises FileNotFoundError for a missing directory, CheckpointError for a corrupt, incomplete or
+    mismatched one (naming the file), ValueError for a tokenizer larger than the model's vocab."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    spec: str | dict | None = tokenizer
+    raw = _config_json(path)
+    if os.path.isfile(os.path.join(path, "trainer.json")) or os.path.isdir(checkpoint_dir(path)):
+        model, ckpt = load_model(path, device)
+        spec = spec if spec is not None else ckpt.trainer.get("tokenizer")
+        source = ckpt.path
+    elif raw is not None and raw.get("model_type") == "recurrent_gemma":
+        from .interop.recurrentgemma import load_recurrentgemma
+
+        model, source = load_recurrentgemma(path, dtype=dtype, quantize=quantize).to(device), path
+        quantize = None  # quantized while reading
+    elif raw is not None and os.path.isfile(os.path.join(path, "model.safetensors")):
+        model, source = _weights_dir(path, raw, device), path
+    else:
+        resolve_checkpoint(path)  # raises CheckpointError naming what a checkpoint needs
+        raise CheckpointError(f"{path} is not a griffinlm run, checkpoint or RecurrentGemma directory")
+    found = None
+    if spec is None or (isinstance(spec, dict) and spec.get("path") and not os.path.isfile(spec["path"])):
+        # none recorded, or recorded where it no longer is (a moved directory): the files beside it
+        for d in (source, path, os.path.dirname(os.path.dirname(source))):  # the last: a checkpoint's run
+            found = found or _directory_tokenizer(d)
+    tok = found if found is not None else load_tokenizer(spec)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
+    if dtype is not None:
+        model = model.to(dtype)
+    if quantize:
+        from .quantize import quantize_
+
+        quantize_(model, quantize)
+    return model.eval(), tok
