@@ -59,7 +59,9 @@ def optimizer_step(model: LanguageModel, optimizer: torch.optim.Optimizer, micro
         loss_sum = masked_nats(logits, b)
         (loss_sum / max(n_targets, 1)).backward()  # the mean over the whole step's targets
         nats += loss_sum.detach()
-    grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
+    # DTensor gradients need the mesh-aware norm; plain ones take torch's fused (foreach) one
+    clip = clip_grad_norm_ if par.distributed else torch.nn.utils.clip_grad_norm_
+    grad_norm = clip(model.parameters(), grad_clip)
     total = dp_sum([float(nats)], par)[0]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
