@@ -275,3 +275,18 @@ def test_train_flags_come_from_train_config():
     assert (cfg.eps, cfg.plot, cfg.sample_temperature, cfg.warmup_steps) == (1e-6, False, 0.3, 5)
     assert cfg.grad_checkpointing and cfg.dtype == "fp32" and cfg.progress
     assert settings_from_args(TrainConfig, parser.parse_args(["train"])) == TrainConfig()
+
+
+def test_activation_checkpointing_is_applied_from_outside_and_changes_no_number(tmp_path):
+    """--grad-checkpointing: the trainer's parallelize step checkpoints every block (the model
+    has no switch of its own); the losses are those of the run without it."""
+    base = dict(data="synthetic:induction_heads", steps=3, batch_size=4, eval_every=3, eval_sequences=8,
+                progress=False, tensorboard=False, plot=False, sample_tokens=0)
+    losses = []
+    for flag in (False, True):
+        trainer = Trainer(tiny("griffin-tiny"), TrainConfig(**base, grad_checkpointing=flag), str(tmp_path / str(flag)))
+        assert all(getattr(b, "_griffinlm_checkpointed", False) == flag for b in trainer.model.blocks)
+        trainer.run()
+        with open(tmp_path / str(flag) / "metrics.jsonl") as f:
+            losses.append([r["loss"] for r in map(json.loads, f) if r["kind"] == "train"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-7)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from .cache import ModelCache, SlotIndex
 from .config import ModelConfig
@@ -48,7 +47,6 @@ class LanguageModel(nn.Module, GenerationMixin):
         self.blocks = nn.ModuleList(ResidualBlock(config, kind) for kind in config.block_types)
         self.final_norm = RMSNorm(config.width, config.norm_eps, config.norm_unit_offset)
         self.embed_multiplier = embed_multiplier(config)
-        self.gradient_checkpointing = False
         self.step_views = KernelViews()  # memo of the fused output layer's weight views
         self.step_watch = TreeWatch()  # lets the layers reuse their step arguments between tokens
         self.reset_parameters()
@@ -179,10 +177,7 @@ class LanguageModel(nn.Module, GenerationMixin):
         `last_only`: the last position's only, (B, 1, V) (a prefill needs no more)."""
         x = self._embed(tokens)  # (B, T, D)
         for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, pos, use_reentrant=False)
-            else:
-                x = block(x, pos, None if cache is None else cache.blocks[i])
+            x = block(x, pos, None if cache is None else cache.blocks[i])
         return self._logits(x[:, -1:] if last_only else x)
 
     def _chunk(self, tokens: torch.Tensor, cache: ModelCache, offset: int,

@@ -2,12 +2,12 @@
 
 glibc serves allocations above its largest mmap threshold (32 MiB on 64-bit) with a fresh
 mmap every time, and the kernel faults them in 4 KiB at a time on first touch: for the scan's
-(B, T, D) output at B=4, T=4096, D=1024 (64 MiB) that page-faulting took twice as long as the
-scan itself (10 ms with a preallocated output, 29 ms with a fresh one). This pool keeps such
+(B, T, D) output at B=4, T=4096, D=1024 (64 MiB) that page-faulting took longer than the scan
+itself (BENCHMARKS.md, Kernels). This pool keeps such
 buffers after their tensors die and hands them out again, as CUDA's caching allocator does.
 Smaller buffers are left to torch (glibc reuses them from its heap without faulting).
-PyTorch's own switch THP_MEM_ALLOC_ENABLE=1 was measured and rejected: huge-page faults with
-synchronous compaction made fresh allocations 5-90 ms here, sometimes faster, mostly slower.
+PyTorch's own switch THP_MEM_ALLOC_ENABLE=1 was measured and rejected (BENCHMARKS.md, Kernels):
+huge-page faults with synchronous compaction made fresh allocations mostly slower.
 """
 from __future__ import annotations
 

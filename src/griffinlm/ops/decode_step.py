@@ -44,7 +44,7 @@ from .norm import rms_norm
 from .quantized import QuantizedWeight
 
 # Rows per step up to which the weight-streaming kernels beat the hybrid path (GEMMs on
-# prepacked weights + mix kernels); measured: level at 6 rows, the hybrid 12% faster at 8.
+# prepacked weights + mix kernels); the crossover measured in BENCHMARKS.md (Inference).
 MAX_BATCH = 6
 # Steps of more rows take the GEMMs + `*_mix` kernels path.
 HYBRID = True

@@ -1,8 +1,8 @@
 """One-token decoding on CPU (numba): each residual block's step as one fused kernel.
 
 At a batch of a few rows a decoding step is bound by reading every weight once, and eager
-PyTorch loses twice: `addmm` with one row runs on a single thread (19 GB/s here, against
-43 GB/s for a read on both cores), and the ~100 small ops of a block cost more in dispatch
+PyTorch loses twice: `addmm` with one row runs on a single thread (well below what a read on
+every core reaches; BENCHMARKS.md), and the ~100 small ops of a block cost more in dispatch
 than in arithmetic. Here each kernel splits a weight matrix's rows across all cores, dots
 every batch row against a weight row while it sits in L1, and does the block's elementwise
 work (RMSNorm, activations, the conv and RG-LRU updates, RoPE, attention over the cached

@@ -63,13 +63,29 @@ def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh, mp_policy: MixedPreci
     return model
 
 
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recomputes each residual block's activations in backward instead of keeping them
+    (torch's composable `checkpoint`: hooks on the block, parameter names unchanged). Applied
+    once; a block already checkpointed is left as it is."""
+    from torch.distributed._composable import checkpoint
+
+    for block in model.blocks:
+        if not getattr(block, "_griffinlm_checkpointed", False):
+            checkpoint(block)
+            block._griffinlm_checkpointed = True
+    return model
+
+
 def parallelize(model: nn.Module, ctx: ParallelContext, fsdp: bool = False,
-                mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
-    """Tensor parallel over ctx's "tp" dim, then FSDP (or DDP) over its "dp" dim. In place.
+                mp_policy: MixedPrecisionPolicy | None = None, activation_checkpointing: bool = False) -> nn.Module:
+    """Activation checkpointing (if asked), tensor parallel over ctx's "tp" dim, then FSDP (or
+    DDP) over its "dp" dim. In place; the model itself never knows.
 
     Build the optimizer after this call: the parameters are replaced by DTensors.
-    A single-process context leaves the model untouched.
+    A single-process context gets activation checkpointing only.
     """
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
     if not ctx.distributed:
         return model
     if ctx.tp_size > 1:

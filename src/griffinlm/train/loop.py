@@ -107,9 +107,8 @@ class Trainer:
         np.random.seed(config.seed)
         random.seed(config.seed)
         self.model = LanguageModel(model_config).to(self.device)
-        self.model.gradient_checkpointing = config.grad_checkpointing
-        if self.par.distributed:
-            parallelize(self.model, self.par, fsdp, mixed_precision_policy(self.device))
+        parallelize(self.model, self.par, fsdp, mixed_precision_policy(self.device) if self.par.distributed else None,
+                    activation_checkpointing=config.grad_checkpointing)
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay,
                                         (config.beta1, config.beta2), config.eps)
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
