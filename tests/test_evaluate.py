@@ -1,6 +1,7 @@
 """griffinlm.evaluate building blocks: run cache, power-law fit, matched configs, chunked scoring,
 multiple-choice scoring, the lm-evaluation-harness adapter, report tables."""
 import json
+import statistics
 import math
 import os
 from types import SimpleNamespace
@@ -237,3 +238,34 @@ def test_markdown_table_round_trip():
     assert table == [["model", "params", "bpb"], ["Hawk", "1,234", "1.235"], ["Griffin", "99", "-"]]
     with pytest.raises(ValueError):
         md_table(["a", "b"], [[1]])
+
+
+# --- intervals and verdicts -------------------------------------------------------------
+def test_t_quantiles_match_tables_and_scipy():
+    from griffinlm.evaluate.intervals import t_cdf, t_quantile
+
+    # two-sided 95% critical values from any t table
+    for df, want in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):
+        assert t_quantile(0.975, df) == pytest.approx(want, abs=1e-3)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.776, abs=1e-3)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 7.5, 50):
+        for p in (0.6, 0.9, 0.975, 0.999):
+            assert t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-6)
+            assert t_cdf(scipy_stats.t.ppf(p, df), df) == pytest.approx(p, abs=1e-9)
+
+
+def test_verdicts_come_from_the_interval_not_the_mean():
+    from griffinlm.evaluate.intervals import mean_interval, paired_interval, verdict
+
+    # the glu-variants case of the issue: t = 2.9 at n = 3 is not significant (critical 4.30)
+    diffs = [0.010, 0.004, 0.013]
+    ci = mean_interval(diffs)
+    sem = statistics.stdev(diffs) / math.sqrt(3)
+    assert 2.5 < ci.mean / sem < 4.3 and ci.lo < 0 < ci.hi and verdict(ci) == "unresolved"
+    assert verdict(mean_interval([0.010, 0.011, 0.012])) == "agrees"
+    assert verdict(mean_interval([-0.010, -0.011, -0.012])) == "disagrees"
+    assert verdict(mean_interval([-0.010, -0.011, -0.012]), claim_positive=False) == "agrees"
+    assert verdict(mean_interval([0.5])) == "unresolved"  # one seed: no interval
+    gap = paired_interval([1.0, 2.0, 3.0], [0.9, 1.9, 2.8])
+    assert gap.mean == pytest.approx(0.1333, abs=1e-4) and gap.n == 3

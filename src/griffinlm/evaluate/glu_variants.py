@@ -4,6 +4,7 @@ seeds, held-out bits per byte as mean and spread; plus Swish / SwiGLU with a lea
 whose learned values are reported."""
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from ..layers.activations import Swish
 from ..train.data import open_run_data
 from ..train.loop import evaluate
 from .archs import ARCHS, arch_config, glu_variant_config
+from .intervals import mean_interval, paired_interval, verdict
 from .report import md_table, pyplot, write_report
 from .study import StudyContext, resolve_settings, settings_dict
 from .training import run_key, study_settings, train_model
@@ -104,7 +106,8 @@ def run_glu_variants(ctx: StudyContext, budget: str = "small", overrides: dict[s
 
 def _summary(runs: list[dict]) -> dict[str, float]:
     bpb = [r["bits_per_byte"] for r in runs]
-    return {"mean": statistics.fmean(bpb), "std": statistics.stdev(bpb) if len(bpb) > 1 else 0.0,
+    ci = mean_interval(bpb)
+    return {"mean": ci.mean, "std": statistics.stdev(bpb) if len(bpb) > 1 else 0.0, "lo": ci.lo, "hi": ci.hi,
             "min": min(bpb), "max": max(bpb)}
 
 
@@ -114,9 +117,9 @@ def _write(ctx: StudyContext, s: GluVariantsSettings, results: dict[str, list[di
     for v in s.variants:
         runs, m = results[v], summary[v]
         rows.append([LABELS[v], "gated" if v.removesuffix(LEARNED) in GATED_ACTIVATIONS else "ungated",
-                     runs[0]["mlp_hidden"], runs[0]["params"], m["mean"], m["std"], m["min"], m["max"],
-                     PAPER_65K.get(v)])
-    table = md_table(["FFN", "kind", "hidden", "params", "bits/byte mean", "std", "min", "max",
+                     runs[0]["mlp_hidden"], runs[0]["params"], m["mean"], m["lo"], m["hi"],
+                     m["std"], m["min"], m["max"], PAPER_65K.get(v)])
+    table = md_table(["FFN", "kind", "hidden", "params", "bits/byte mean", "95% lo", "95% hi", "std", "min", "max",
                       "paper log-ppl (65k steps)"], rows, digits=4)
     sections = [f"## Held-out bits per byte over seeds {list(s.seeds)}\n\n{table}"]
     beta_rows = []
@@ -144,31 +147,42 @@ def _verdicts(s: GluVariantsSettings, summary: dict[str, dict], results: dict[st
     for gated, plain in PAIRS:
         if gated in summary and plain in summary:
             # Seeds are shared (same initialisation seed and data order), so compare seed by seed.
-            diffs = [p["bits_per_byte"] - g["bits_per_byte"] for g, p in zip(results[gated], results[plain])]
-            diff = statistics.fmean(diffs)
-            sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("inf")
-            resolved = abs(diff) > 2 * sem
-            agree = diff > 0
+            gap = paired_interval([p["bits_per_byte"] for p in results[plain]],
+                                  [g["bits_per_byte"] for g in results[gated]])
             out.append(f"{LABELS[gated]} {summary[gated]['mean']:.4f} vs {LABELS[plain]} {summary[plain]['mean']:.4f} "
-                       f"bits/byte: the gated variant is {'better' if agree else 'worse'} by {abs(diff):.4f} "
-                       f"(paired over seeds, standard error {sem:.4f}: "
-                       f"{'resolved' if resolved else 'not resolved'}). Paper: gated better: "
-                       f"**{'agrees' if agree else 'disagrees'}**{'' if resolved else ' (within noise)'}.")
+                       f"bits/byte: the gated variant is better by {gap.mean:+.4f} (paired over {gap.n} seeds, 95% "
+                       f"t interval [{gap.lo:+.4f}, {gap.hi:+.4f}]). Paper: gated better: **{verdict(gap)}**.")
     base = [v for v in s.variants if v in PAPER_65K]
+
+    def bpb(v: str) -> list[float]:
+        return [r["bits_per_byte"] for r in results[v]]
+
     if len(base) >= 3:
         ranked = sorted(base, key=lambda v: summary[v]["mean"])
-        top = ranked[:2]
-        agree = set(top) == {"geglu", "swiglu"}
-        out.append(f"Best two of the paper's eight: {LABELS[top[0]]}, {LABELS[top[1]]}. Paper: GEGLU and SwiGLU "
-                   f"best: **{'agrees' if agree else 'disagrees'}**. Full ranking (best first): "
+        claim = [v for v in ("geglu", "swiglu") if v in base]
+        others = [v for v in base if v not in claim]
+        # the claim holds when each of GEGLU and SwiGLU beats every other variant, seed by seed
+        gaps = [paired_interval(bpb(o), bpb(c)) for c in claim for o in others]
+        if len(claim) == 2 and gaps and all(g.lo > 0 for g in gaps):
+            call = "agrees"
+        elif any(g.hi < 0 for g in gaps):
+            call = "disagrees"
+        else:
+            call = "unresolved"
+        closest = min(gaps, key=lambda g: g.lo) if gaps else None
+        out.append(f"Best two of the paper's eight by mean: {LABELS[ranked[0]]}, {LABELS[ranked[1]]}. Paper: GEGLU "
+                   f"and SwiGLU best: **{call}**" + (f" (the weakest of their paired gaps to the others: {closest})"
+                                                     if closest else "") + ". Full ranking by mean (best first): "
                    + ", ".join(LABELS[v] for v in ranked) + ".")
         gated = [v for v in base if v in GATED_ACTIVATIONS]
         plain = [v for v in base if v not in GATED_ACTIVATIONS]
         if gated and plain:
-            gm = statistics.fmean(summary[v]["mean"] for v in gated)
-            pm = statistics.fmean(summary[v]["mean"] for v in plain)
-            out.append(f"Mean over gated variants {gm:.4f} vs ungated {pm:.4f} bits/byte: "
-                       f"**{'agrees' if gm < pm else 'disagrees'}** with gating helping on average.")
+            per_seed = [(statistics.fmean(x[i] for x in map(bpb, plain)) - statistics.fmean(x[i] for x in map(bpb, gated)))
+                        for i in range(len(results[base[0]]))]
+            gap = mean_interval(per_seed)
+            out.append(f"Mean over gated variants {statistics.fmean(summary[v]['mean'] for v in gated):.4f} vs ungated "
+                       f"{statistics.fmean(summary[v]['mean'] for v in plain):.4f} bits/byte (gated better by {gap}): "
+                       f"gating helps on average: **{verdict(gap)}**.")
     for v in s.variants:
         if v.endswith(LEARNED):
             betas = [b for r in results[v] for b in r["betas"]]
@@ -188,8 +202,9 @@ def _plot(out: str, s: GluVariantsSettings, summary: dict[str, dict], results: d
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(s.variants)), 4.5))
     xs = range(len(s.variants))
     colors = ["tab:orange" if v.removesuffix(LEARNED) in GATED_ACTIVATIONS else "tab:blue" for v in s.variants]
-    ax.bar(xs, [summary[v]["mean"] for v in s.variants], yerr=[summary[v]["std"] for v in s.variants],
-           color=colors, alpha=0.6, capsize=3)
+    # error bars: the 95% t intervals of the mean (none with a single seed)
+    half = [summary[v]["hi"] - summary[v]["mean"] if math.isfinite(summary[v]["hi"]) else 0.0 for v in s.variants]
+    ax.bar(xs, [summary[v]["mean"] for v in s.variants], yerr=half, color=colors, alpha=0.6, capsize=3)
     for i, v in enumerate(s.variants):
         ax.plot([i] * len(results[v]), [r["bits_per_byte"] for r in results[v]], "k.", ms=4)
     lo = min(summary[v]["min"] for v in s.variants)
