@@ -163,6 +163,24 @@ def test_shared_contexts_score_as_independent_forwards(arch):
             assert greedy == all(int(logp[i].argmax()) == int(seq[0, i + 1]) for i in idx)
 
 
+def test_large_logits_take_the_prefill_path_with_the_same_scores(monkeypatch):
+    """Above the logits budget (a 256k vocabulary at long contexts) even unshared contexts go
+    through prefill_many (last-position logits only); the scores do not change."""
+    from griffinlm.evaluate import scoring
+
+    model = tiny_model("griffin")
+    reqs = [([256] + list(range(3, 3 + n)), [7, 8, 9][:k]) for n, k in ((5, 1), (11, 3), (2, 2))]
+    want = continuation_logprobs(model, reqs, batch_size=4)
+    calls = []
+    real = model.prefill_many
+    monkeypatch.setattr(model, "prefill_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 1)
+    got = continuation_logprobs(model, reqs, batch_size=4)
+    assert calls  # the memory-bounded path ran
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
+    assert [g[1] for g in got] == [w[1] for w in want]
+
+
 def test_shared_context_batches_count_requests_and_report_progress():
     model = tiny_model("griffin")
     reqs = [([256, 1, 2], [c]) for c in range(5)] + [([256, 3], [1, 2])]

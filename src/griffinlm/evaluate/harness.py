@@ -29,7 +29,7 @@ import torch
 from ..data import Tokenizer
 from ..model import LanguageModel
 from ..precision import autocast, check_dtype
-from .scoring import chunked_token_nats, continuation_logprobs
+from .scoring import LOGITS_BUDGET, chunked_token_nats, continuation_logprobs
 
 log = logging.getLogger("griffinlm.evaluate")
 
@@ -220,6 +220,8 @@ class HarnessAdapter:
         if not order:
             return out
         batch = self._scoring_batch(min(len(rows[order[0]]), self.chunk))
+        # tokens per cached forward: at most `chunk`, and a (batch, chunk, vocab) logits tensor within budget
+        chunk = max(1, min(self.chunk, LOGITS_BUDGET // (batch * self.model.config.vocab_size)))
         bar = _Progress(len(order), "loglikelihood_rolling", self.progress and not disable_tqdm)
         try:
             for b0 in range(0, len(order), batch):
@@ -228,7 +230,7 @@ class HarnessAdapter:
                 tokens = torch.full((len(idx), L), self.tok.pad_id, dtype=torch.long)
                 for j, i in enumerate(idx):
                     tokens[j, :len(rows[i])] = torch.tensor(rows[i])
-                nats = chunked_token_nats(self.model, tokens, self.chunk, self.dtype)  # (b, L - 1)
+                nats = chunked_token_nats(self.model, tokens, chunk, self.dtype)  # (b, L - 1)
                 for j, i in enumerate(idx):
                     out[i] = -float(nats[j, :len(rows[i]) - 1].sum())
                 bar.update(len(idx))

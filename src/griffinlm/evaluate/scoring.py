@@ -38,6 +38,12 @@ def chunked_token_nats(model: LanguageModel, tokens: torch.Tensor, chunk: int, d
     return torch.cat(out, dim=1)
 
 
+# Largest (rows x positions x vocab) logits tensor one right-padded forward may produce; above it
+# (RecurrentGemma's 256k vocabulary at long contexts) the contexts go through `prefill_many`,
+# which keeps only their last position's logits.
+LOGITS_BUDGET = 1 << 28
+
+
 @torch.no_grad()
 def continuation_logprobs(model: LanguageModel, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                           batch_size: int = 16, max_length: int | None = None, dtype: str = "auto",
@@ -46,7 +52,7 @@ def continuation_logprobs(model: LanguageModel, requests: Sequence[tuple[Sequenc
     whether greedy decoding would produce the continuation).
 
     A batch of requests with distinct contexts is one right-padded forward of context +
-    continuation. Requests that share a context (the choices of a multiple-choice question) run
+    continuation (while its logits fit `LOGITS_BUDGET` elements). Requests that share a context (the choices of a multiple-choice question) run
     it once: the distinct contexts of a batch go through the model together (`prefill_many`:
     left-padded, each a document of its own, only the last position's logits computed),
     their states are forked into one slot per request (`ModelCache.select`), and the
@@ -89,8 +95,9 @@ def _score_batch(model: LanguageModel, contexts: list[tuple[int, ...]], members:
                  dtype: str) -> None:
     """Scores the requests `members[j]` (indices into `rows`) of each context `contexts[j]`."""
     device = next(model.parameters()).device
-    if all(len(m) == 1 for m in members):  # nothing shared: one right-padded forward
-        T = max(len(c) + len(rows[m[0]][1]) for c, m in zip(contexts, members))
+    T = max(len(c) + len(rows[m[0]][1]) for c, m in zip(contexts, members))
+    if all(len(m) == 1 for m in members) and len(contexts) * T * model.config.vocab_size <= LOGITS_BUDGET:
+        # nothing shared: one right-padded forward
         tokens = torch.zeros(len(contexts), T, dtype=torch.long)
         for j, (c, m) in enumerate(zip(contexts, members)):
             seq = list(c) + rows[m[0]][1]
@@ -98,10 +105,10 @@ def _score_batch(model: LanguageModel, contexts: list[tuple[int, ...]], members:
         tokens = tokens.to(device)
         with autocast(device, dtype):
             logits = model(tokens)
-        logp = torch.log_softmax(logits.float(), dim=-1)
         for j, (c, m) in enumerate(zip(contexts, members)):
             n = len(rows[m[0]][1])
-            span = logp[j, len(c) - 1:len(c) - 1 + n]  # logits at t predict token t + 1
+            # logits at t predict token t + 1; log-softmax of the scored positions only
+            span = torch.log_softmax(logits[j, len(c) - 1:len(c) - 1 + n].float(), dim=-1)
             target = tokens[j, len(c):len(c) + n]
             lp = span.gather(-1, target[:, None])[:, 0]
             results[m[0]] = (float(lp.sum()), bool((span.argmax(-1) == target).all()))
