@@ -17,6 +17,7 @@ import torch
 from ..data import SyntheticSampler, answer_accuracy, make_task
 from ..precision import autocast
 from .archs import ARCH_LABELS, ARCHS, matched_archs
+from .intervals import one_run_verdict
 from .report import md_table, pyplot, write_report
 from .study import StudyContext, resolve_settings, settings_dict
 from .training import run_key, study_settings, train_model
@@ -181,7 +182,7 @@ def _verdicts(s: CopyRetrievalSettings, results: dict[str, dict[str, dict]]) -> 
         if max(speed.values()) - min(speed.values()) < 0.02:
             verdict = "**inconclusive**: the models are indistinguishable at this budget"
         else:
-            verdict = "**agrees**" if order == claim else "**disagrees** (ranking differs)"
+            verdict = one_run_verdict(order == claim)
         out.append(f"{TASK_LABELS[task_name]}: learning speed (mean accuracy over training) {ranking}. Paper: "
                    f"Transformer fastest, Griffin close, Hawk slowest: {verdict}.")
         if len(s.test_factors) > 1:

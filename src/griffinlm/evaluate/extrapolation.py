@@ -17,6 +17,7 @@ import torch
 from ..data import TokenSplit, load_tokenizer, open_corpus
 from ..train.data import open_run_data
 from .archs import ARCH_LABELS, ARCHS, matched_archs
+from .intervals import one_run_verdict
 from .report import md_table, pyplot, write_report
 from .scoring import chunked_token_nats
 from .study import StudyContext, resolve_settings, settings_dict
@@ -168,7 +169,7 @@ def _verdicts(s: ExtrapolationSettings, results: dict[str, dict]) -> list[str]:
         agree = holds == (a != "transformer")
         out.append(f"{ARCH_LABELS[a]}: bits/byte {b[0]:.3f} within T_train, {b[-1]:.3f} at positions {far} "
                    f"({change:+.1f}%): it {'extrapolates' if holds else 'degrades'} beyond its training "
-                   f"length. The paper says it {paper}: **{'agrees' if agree else 'disagrees'}**.")
+                   f"length. The paper says it {paper}: {one_run_verdict(agree)}.")
     return out
 
 

@@ -103,6 +103,13 @@ def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95)
     return mean_interval([x - y for x, y in zip(a, b)], level)
 
 
+def one_run_verdict(direction_agrees: bool) -> str:
+    """The verdict of a comparison made on a single seed: no interval, so "unresolved", with the
+    direction the one run showed."""
+    return (f"**unresolved** (one seed, no interval; the single run's direction "
+            f"{'agrees' if direction_agrees else 'disagrees'})")
+
+
 def verdict(interval: Interval, claim_positive: bool = True) -> str:
     """"agrees" if the interval lies wholly on the claimed side of 0, "disagrees" if wholly on
     the other, else "unresolved"."""

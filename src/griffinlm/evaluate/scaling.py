@@ -12,6 +12,7 @@ from ..train.data import open_run_data
 from ..train.loop import evaluate
 from .archs import ARCH_LABELS, ARCHS, matched_archs, training_flops_per_token
 from .powerlaw import fit_power_law, pareto_frontier, power_law
+from .intervals import one_run_verdict
 from .report import md_table, pyplot, write_report
 from .study import StudyContext, resolve_settings, settings_dict
 from .training import run_key, study_settings, train_model
@@ -116,8 +117,8 @@ def _verdicts(s: ScalingSettings, points: dict[str, list[dict]], fits: dict[str,
         ok = f["b"] > 0 and f["r2"] >= 0.9
         out.append(f"{ARCH_LABELS[a]}: loss = {f['a']:.3g} * FLOPs^(-{f['b']:.3f}) + {f['c']:.3f} "
                    f"(R^2 {f['r2']:.3f} on {f['points']} points): "
-                   f"{'consistent with' if ok else 'not a clean'} power law. Paper: power law: "
-                   f"**{'agrees' if ok else 'disagrees'}**.")
+                   f"{'consistent with' if ok else 'not a clean'} power law (R^2 >= 0.9 taken as consistent). "
+                   f"Paper: power law: {one_run_verdict(ok)}.")
     at_top = {a: float(power_law(top, fits[a])) for a in s.archs}
     best_run = {a: min(p["bits_per_byte"] for p in points[a]) for a in s.archs}
     lowest_fit = min(at_top, key=at_top.get)
@@ -125,7 +126,7 @@ def _verdicts(s: ScalingSettings, points: dict[str, list[dict]], fits: dict[str,
     out.append(f"Lowest fitted loss at the largest budget ({top:.2e} FLOPs): {ARCH_LABELS[lowest_fit]} ("
                + ", ".join(f"{ARCH_LABELS[a]} {at_top[a]:.4f}" for a in s.archs) + "); lowest single run: "
                f"{ARCH_LABELS[lowest_run]} {best_run[lowest_run]:.4f}. Paper: Griffin lowest: "
-               f"**{'agrees' if lowest_fit == 'griffin' else 'disagrees'}**.")
+               f"{one_run_verdict(lowest_fit == 'griffin')}.")
     return out
 
 
