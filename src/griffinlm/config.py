@@ -1,8 +1,9 @@
 """`ModelConfig`: the one dataclass that describes a Transformer, Hawk or Griffin model.
 
 Every way RecurrentGemma departs from the paper is a field here (embedding scale, RMSNorm
-offset, partial rotary and its pairing, logit soft-cap, window + 1 keys, biases, gate blocks,
-unscaled input at resets), so a converted checkpoint is just another config.
+offset, partial rotary and its pairing, logit soft-cap, biases, gate blocks, unscaled input at
+resets, and the local window's key count of DeepMind's code or of `transformers`), so a converted
+checkpoint is just another config; docs/conventions.md lists each choice and its alternative.
 """
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ class ModelConfig:
     gelu_approximate: str = "tanh"  # "tanh" (Griffin) or "none" (exact erf GeLU)
     # attention
     local_window: int = 1024
-    window_includes_current: bool = True  # False: current token + local_window previous (RecurrentGemma)
+    # True: a query sees local_window keys, itself included (`transformers`' RecurrentGemma, which the
+    # converter reproduces); False: itself + local_window previous ones (DeepMind's recurrentgemma code)
+    window_includes_current: bool = True
     rope_fraction: float = 1.0  # fraction of head_dim that is rotated (RecurrentGemma: 0.5)
     rope_pairing: str = "split_half"  # pair dim i with i + half ("split_half") or 2i with 2i+1
     rope_base: float = 10000.0

@@ -2,8 +2,8 @@
 
 The cache holds, for every sequence slot of the pool, a preallocated buffer of key/value
 entries, allocated once and updated in place: for local attention a ring of exactly the keys
-one query sees (`config.attention_keys`: the `local_window` under the paper's convention,
-window + 1 under RecurrentGemma's), entry = position mod entries; for global attention
+one query sees (`config.attention_keys`: `local_window` keys as `transformers`' RecurrentGemma
+counts them, window + 1 as DeepMind's recurrentgemma code does), entry = position mod entries; for global attention
 `max_length` entries (an error past it). Keys are stored after RoPE. The one-token `step`
 writes its key first and then attends over the entries, with shapes that do not depend on
 the positions (what `torch.compile` / CUDA graphs need).
