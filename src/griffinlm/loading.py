@@ -20,12 +20,13 @@ import os
 
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_dir, load_model, load_weights_file, resolve_checkpoint
+from .checkpoint import (CheckpointError, checkpoint_dir, load_model, load_weights_file, read_trainer,
+                         resolve_checkpoint)
 from .config import ModelConfig
 from .data import Tokenizer, load_tokenizer
 from .model import LanguageModel
 
-__all__ = ["load"]
+__all__ = ["load", "tokenizer_directory"]
 
 
 def _config_json(path: str) -> dict | None:
@@ -49,10 +50,30 @@ def _weights_dir(path: str, raw: dict, device: torch.device | str) -> LanguageMo
     return model
 
 
-def _directory_tokenizer(path: str) -> Tokenizer | None:
-    from .interop.tokenizer import find_tokenizer_file, load_tokenizer as load_directory_tokenizer
+def _recorded_file(spec: str | dict | None) -> str | None:
+    """The tokenizer file a trainer.json spec names, if it still exists."""
+    path = spec.get("path") if isinstance(spec, dict) else None
+    return path if path and os.path.isfile(path) else None
 
-    return load_directory_tokenizer(path) if find_tokenizer_file(path) else None
+
+def _files_beside(source: str, path: str) -> str | None:
+    """The first directory holding tokenizer files: the model's own (`source`), the one asked for
+    (`path`), or the training run a checkpoint directory belongs to."""
+    from .interop.tokenizer import find_tokenizer_file
+
+    dirs = [source, path]
+    if os.path.basename(os.path.dirname(source)) == os.path.basename(checkpoint_dir("")):  # run/checkpoints/step_*
+        dirs.append(os.path.dirname(os.path.dirname(source)))
+    return next((d for d in dirs if find_tokenizer_file(d)), None)
+
+
+def tokenizer_directory(path: str) -> str | None:
+    """The directory holding the tokenizer files of a model directory `load` reads: where its
+    trainer.json's spec points if that file still exists, else the files beside the model; None
+    for a model without tokenizer files (the byte tokenizer)."""
+    source, trainer = read_trainer(path)
+    recorded = _recorded_file(trainer.get("tokenizer"))
+    return os.path.dirname(recorded) if recorded else _files_beside(source, path)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None,
@@ -88,12 +109,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, dtype: 
     else:
         resolve_checkpoint(path)  # raises CheckpointError naming what a checkpoint needs
         raise CheckpointError(f"{path} is not a griffinlm run, checkpoint or RecurrentGemma directory")
-    found = None
-    if spec is None or (isinstance(spec, dict) and spec.get("path") and not os.path.isfile(spec["path"])):
+    beside = None
+    if spec is None or (isinstance(spec, dict) and not _recorded_file(spec)):
         # none recorded, or recorded where it no longer is (a moved directory): the files beside it
-        for d in (source, path, os.path.dirname(os.path.dirname(source))):  # the last: a checkpoint's run
-            found = found or _directory_tokenizer(d)
-    tok = found if found is not None else load_tokenizer(spec)
+        beside = _files_beside(source, path)
+    if beside is not None:
+        from .interop.tokenizer import load_tokenizer as load_directory_tokenizer
+
+        tok = load_directory_tokenizer(beside)
+    else:
+        tok = load_tokenizer(spec)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")

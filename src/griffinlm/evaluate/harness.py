@@ -29,6 +29,7 @@ import torch
 from ..data import Tokenizer
 from ..model import LanguageModel
 from ..precision import autocast, check_dtype
+from ..train.records import progress_bar
 from .scoring import LOGITS_BUDGET, chunked_token_nats, continuation_logprobs
 
 log = logging.getLogger("griffinlm.evaluate")
@@ -67,27 +68,6 @@ def sampling_settings(gen_kwargs: dict, default_max_gen: int = 256) -> dict[str,
     top_p = kw.get("top_p")
     top_p = float(top_p) if top_p is not None and float(top_p) < 1.0 else None
     return {"until": until, "max_tokens": max_gen, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-
-
-class _Progress:
-    """A tqdm bar when wanted and available, else nothing."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.bar = None
-        if enabled and total > 0:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, desc=desc, unit="req", leave=False)
-
-    def update(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class HarnessAdapter:
@@ -130,6 +110,9 @@ class HarnessAdapter:
 
     def _encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tok.encode(text)]
+
+    def _bar(self, total: int, desc: str, disabled: bool):
+        return progress_bar(total, 0, self.progress and not disabled and total > 0, unit="req", desc=desc, leave=False)
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -200,7 +183,7 @@ class HarnessAdapter:
         if not pairs:
             return results
         longest = max(len(c) + len(x) for c, x in pairs)
-        bar = _Progress(len(pairs), "loglikelihood", self.progress and not disable_tqdm)
+        bar = self._bar(len(pairs), "loglikelihood", disable_tqdm)
         try:
             scored = continuation_logprobs(self.model, pairs, self._scoring_batch(longest), self.max_length,
                                            dtype=self.dtype, progress=bar.update)
@@ -222,7 +205,7 @@ class HarnessAdapter:
         batch = self._scoring_batch(min(len(rows[order[0]]), self.chunk))
         # tokens per cached forward: at most `chunk`, and a (batch, chunk, vocab) logits tensor within budget
         chunk = max(1, min(self.chunk, LOGITS_BUDGET // (batch * self.model.config.vocab_size)))
-        bar = _Progress(len(order), "loglikelihood_rolling", self.progress and not disable_tqdm)
+        bar = self._bar(len(order), "loglikelihood_rolling", disable_tqdm)
         try:
             for b0 in range(0, len(order), batch):
                 idx = order[b0:b0 + batch]
@@ -273,7 +256,7 @@ class HarnessAdapter:
                         max_prompt_tokens=longest, chunk_tokens=max(512, sum(len(ids) for _, ids, _ in jobs[:slots])),
                         precision=autocast(self.device, self.dtype), background=False)
         errors: list[str] = []
-        bar = _Progress(len(jobs), "generate_until", self.progress and not disable_tqdm)
+        bar = self._bar(len(jobs), "generate_until", disable_tqdm)
 
         def sink_for(i: int):
             pieces: list[str] = []

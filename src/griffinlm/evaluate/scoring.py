@@ -109,9 +109,7 @@ def _score_batch(model: LanguageModel, contexts: list[tuple[int, ...]], members:
             n = len(rows[m[0]][1])
             # logits at t predict token t + 1; log-softmax of the scored positions only
             span = torch.log_softmax(logits[j, len(c) - 1:len(c) - 1 + n].float(), dim=-1)
-            target = tokens[j, len(c):len(c) + n]
-            lp = span.gather(-1, target[:, None])[:, 0]
-            results[m[0]] = (float(lp.sum()), bool((span.argmax(-1) == target).all()))
+            results[m[0]] = _span_score(span, tokens[j, len(c):len(c) + n])
         return
     g, C = len(contexts), max(len(c) for c in contexts)
     flat = [i for m in members for i in m]
@@ -134,5 +132,10 @@ def _score_batch(model: LanguageModel, contexts: list[tuple[int, ...]], members:
         cont = rows[i][1]
         target = torch.tensor(cont, device=device)
         logp = first[fork[r]][None] if later is None else torch.cat([first[fork[r]][None], later[r, :len(cont) - 1]])
-        lp = logp.gather(-1, target[:, None])[:, 0]
-        results[i] = (float(lp.sum()), bool((logp.argmax(-1) == target).all()))
+        results[i] = _span_score(logp, target)
+
+
+def _span_score(logp: torch.Tensor, target: torch.Tensor) -> tuple[float, bool]:
+    """(sum of log p(target), whether each target is the argmax) for log-probs (n, V), targets (n,)."""
+    lp = logp.gather(-1, target[:, None])[:, 0]
+    return float(lp.sum()), bool((logp.argmax(-1) == target).all())

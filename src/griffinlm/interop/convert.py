@@ -6,7 +6,6 @@ empty optimizer state), the tokenizer files beside it and their spec in trainer.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -33,31 +32,15 @@ def convert_from_hf(src: str, out: str, dtype: torch.dtype | str | None = None, 
     return save_checkpoint(out, 0, model, optimizer, state, keep_last=1)
 
 
-def _tokenizer_source(path: str, directory: str) -> str | None:
-    """A directory holding the checkpoint's tokenizer files, if any."""
-    trainer = os.path.join(directory, "trainer.json")
-    if os.path.isfile(trainer):
-        with open(trainer) as f:
-            spec = json.load(f).get("tokenizer")
-        if isinstance(spec, dict) and spec.get("path") and os.path.isfile(spec["path"]):
-            return os.path.dirname(spec["path"])
-    for d in (directory, path):
-        if find_tokenizer_file(d):
-            return d
-    return None
-
-
 def convert_to_hf(src: str, out: str, dtype: torch.dtype | str | None = None,
                   max_shard_bytes: int = 5 * 1024**3) -> list[str]:
     """griffinlm checkpoint `src` -> RecurrentGemma directory `out`; returns the files written."""
     if isinstance(dtype, str):
         dtype = DTYPE_NAMES[dtype]
-    from ..checkpoint import read_trainer
-    from ..loading import load
+    from ..loading import load, tokenizer_directory
 
     model, _ = load(src, dtype=dtype)
-    directory, _ = read_trainer(src)
-    tok_dir = _tokenizer_source(src, directory)
+    tok_dir = tokenizer_directory(src)
     special = None
     if tok_dir is not None:
         tok = load_tokenizer(tok_dir)

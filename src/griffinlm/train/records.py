@@ -61,12 +61,14 @@ def read_metrics(path: str) -> list[dict]:
     return out
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
-    """A tqdm bar over optimizer steps, or a no-op stand-in when disabled or tqdm is missing."""
+def progress_bar(total: int, initial: int, enabled: bool, *, unit: str = "step", desc: str | None = None,
+                 leave: bool = True):
+    """A tqdm bar (over optimizer steps by default), or a no-op stand-in when disabled or tqdm is missing."""
     if enabled:
         try:
             from tqdm.auto import tqdm
-            return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+            return tqdm(total=total, initial=initial, unit=unit, desc=desc, leave=leave, dynamic_ncols=True,
+                        file=sys.stderr)
         except ImportError:
             print("tqdm is not installed (pip install 'griffinlm[train]'); no progress bar", file=sys.stderr)
 
