@@ -290,3 +290,27 @@ def test_activation_checkpointing_is_applied_from_outside_and_changes_no_number(
         with open(tmp_path / str(flag) / "metrics.jsonl") as f:
             losses.append([r["loss"] for r in map(json.loads, f) if r["kind"] == "train"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("soft_cap", [None, 3.0])
+def test_training_loss_is_the_chunked_tied_cross_entropy(soft_cap):
+    """The step's loss (`batch_nats`: hidden states into the chunked tied cross-entropy) equals
+    `masked_nats` of the model's logits, value and every parameter gradient, soft-cap included."""
+    from griffinlm.data import Batch
+    from griffinlm.train.step import batch_nats, masked_nats
+
+    cfg = tiny("griffin-tiny", logits_soft_cap=soft_cap)
+    torch.manual_seed(0)
+    model = LanguageModel(cfg)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=g)
+    targets = torch.randint(0, cfg.vocab_size, (2, 12), generator=g)
+    segment_pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)
+    batch = Batch(tokens, targets, segment_pos, torch.rand(2, 12, generator=g) < 0.8, 0.0)
+    got = batch_nats(model, batch)
+    got_grads = torch.autograd.grad(got, list(model.parameters()))
+    want = masked_nats(model(tokens, segment_pos=segment_pos), batch)
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -133,7 +133,7 @@ class LanguageModel(nn.Module, GenerationMixin):
         return logits_reference(x, self.final_norm.op_args(), self.embed.weight, self.config.logits_soft_cap)
 
     def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None, *,
-                segment_pos: torch.Tensor | None = None):
+                segment_pos: torch.Tensor | None = None, return_hidden: bool = False):
         """Logits for every position.
 
         Args:
@@ -143,10 +143,15 @@ class LanguageModel(nn.Module, GenerationMixin):
             segment_pos: optional (B, T) long position of each token within its document; a 0
                 starts a new document (recurrence reset; conv and attention do not look back
                 past it). Default: each row continues one document.
+            return_hidden: return the final norm's output (B, T, D), the tied output layer's
+                input, instead of logits (no cache): for a loss that never builds the logits
+                (`ops.loss.tied_cross_entropy`). Through `forward`, so wrappers' hooks (FSDP) run.
 
         Returns:
             logits (B, T, vocab_size), or (logits, cache) when a cache is given.
         """
+        if return_hidden and cache is not None:
+            raise ValueError("return_hidden is for full sequences without a cache")
         self._check_ids(tokens, "batch, seq_len")
         B, T = tokens.shape
         if segment_pos is not None:
@@ -155,7 +160,7 @@ class LanguageModel(nn.Module, GenerationMixin):
                                  f"got {tuple(segment_pos.shape)}")
             segment_pos = segment_pos.to(tokens.device).long()
         if cache is None:
-            return self._forward(tokens, Positions.build(B, T, 0, tokens.device, segment_pos))
+            return self._forward(tokens, Positions.build(B, T, 0, tokens.device, segment_pos), hidden=return_hidden)
         self._check_cache(cache)
         if cache.batch_size != B:
             raise ValueError(f"cache was made for batch size {cache.batch_size} but tokens have batch size {B}")
@@ -172,12 +177,15 @@ class LanguageModel(nn.Module, GenerationMixin):
         return torch.cat(rows), cache
 
     def _forward(self, tokens: torch.Tensor, pos: Positions, cache: ModelCache | None = None,
-                 last_only: bool = False) -> torch.Tensor:
+                 last_only: bool = False, hidden: bool = False) -> torch.Tensor:
         """(B, T) ids -> (B, T, V) logits through every block (with a cache: after `pos.offset` tokens);
-        `last_only`: the last position's only, (B, 1, V) (a prefill needs no more)."""
+        `last_only`: the last position's only, (B, 1, V) (a prefill needs no more); `hidden`:
+        the final norm's output (B, T, D) instead of logits."""
         x = self._embed(tokens)  # (B, T, D)
         for i, block in enumerate(self.blocks):
             x = block(x, pos, None if cache is None else cache.blocks[i])
+        if hidden:
+            return self.final_norm(x)
         return self._logits(x[:, -1:] if last_only else x)
 
     def _chunk(self, tokens: torch.Tensor, cache: ModelCache, offset: int,

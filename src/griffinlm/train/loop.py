@@ -24,7 +24,7 @@ from ..precision import autocast, compute_dtype
 from .config import TrainConfig
 from .data import open_run_data
 from .optim import lr_at, make_optimizer
-from .step import masked_nats, optimizer_step
+from .step import batch_nats, optimizer_step
 from .records import MetricsLog, plot_loss_curve, progress_bar
 
 LN2 = math.log(2.0)
@@ -49,8 +49,7 @@ def evaluate(model: LanguageModel, batches: Iterable[Batch], device: torch.devic
     for b in batches:
         b = b.to(device)
         with autocast(device, dtype):
-            logits = model(b.tokens, segment_pos=b.segment_pos)
-        nats += float(masked_nats(logits, b))
+            nats += float(batch_nats(model, b))
         targets += b.num_targets
         nbytes += b.num_bytes
     model.train(was_training)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..data import Batch
 from ..model import LanguageModel
 from ..parallel import ParallelContext, clip_grad_norm_, dp_sum
+from ..ops.loss import tied_cross_entropy
 from ..precision import autocast
 
 
@@ -21,6 +22,19 @@ def masked_nats(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Sum over counted targets of -log p(target) in nats (fp32 scalar). logits: (B, T, V)."""
     targets = batch.targets.masked_fill(~batch.loss_mask, -100)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+def batch_nats(model: LanguageModel, batch: Batch) -> torch.Tensor:
+    """`masked_nats` of the model's logits on `batch`, without building them: the forward stops
+    at the final norm (B, T, D) and the chunked tied cross-entropy takes it from there, so no
+    (B, T, V) fp32 logits exist in forward or backward. Run it inside the job's autocast: the
+    output layer's GEMMs take its dtype, as the model's own would. Any other module (a test's
+    stand-in returning logits) goes through its logits and `masked_nats`."""
+    if not isinstance(model, LanguageModel):
+        return masked_nats(model(batch.tokens, segment_pos=batch.segment_pos).float(), batch)
+    hidden = model(batch.tokens, segment_pos=batch.segment_pos, return_hidden=True)  # (B, T, D)
+    return tied_cross_entropy(hidden, model.embed.weight, batch.targets, batch.loss_mask,
+                              model.config.logits_soft_cap)
 
 
 @dataclass
@@ -55,8 +69,7 @@ def optimizer_step(model: LanguageModel, optimizer: torch.optim.Optimizer, micro
     for b in micro_batches:
         b = b.to(device)
         with autocast(device, dtype):
-            logits = model(b.tokens, segment_pos=b.segment_pos)
-        loss_sum = masked_nats(logits, b)
+            loss_sum = batch_nats(model, b)
         (loss_sum / max(n_targets, 1)).backward()  # the mean over the whole step's targets
         nats += loss_sum.detach()
     # DTensor gradients need the mesh-aware norm; plain ones take torch's fused (foreach) one
