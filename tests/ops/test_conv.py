@@ -112,3 +112,112 @@ def test_fused_conv_leaves_parameters_resizable_and_accepts_non_contiguous_input
     torch.testing.assert_close(y, causal_conv1d_reference(x, w, b))
     for p in (w, b):  # FSDP frees parameters by resizing their storage
         p.untyped_storage().resize_(0)
+
+
+# --- Triton kernels (CUDA; on CPU through TRITON_INTERPRET=1) and the fp32-accumulating lag loop ---
+
+# (B, T, C, W, packed, with_state, bias): odd sizes, T and C not multiples of the tiles (the
+# interpreter's are 8 x 16), W = 1, documents that began in the state.
+TRITON_CASES = [(1, 1, 3, 4, False, False, True), (2, 19, 20, 4, True, True, True), (3, 37, 16, 4, True, False, False),
+                (2, 9, 33, 5, False, True, True), (1, 12, 7, 1, True, False, True), (2, 17, 5, 2, False, False, False)]
+
+
+def run_triton_checks(device: str) -> None:
+    """Every case of TRITON_CASES through impl='triton' against the float64 loop: output and
+    the gradients of x, weight, bias; then bf16 input, non-contiguous x, (T,) lags."""
+    from griffinlm.ops import numba_common
+
+    for B, T, C, W, packed, with_state, bias in TRITON_CASES:
+        x, w, b = inputs(B, T, C, W, bias, seed=T)
+        lags = packed_lags(B, T, seed=T) if packed else None
+        if lags is not None and with_state:
+            lags = lags + 2 * (torch.arange(T) == lags)
+        state = torch.randn(B, W - 1, C) if with_state else None
+        dev = [None if t is None else t.to(device) for t in (x, w, b, lags, state)]
+        before = numba_common.FUSED_CALLS["causal_conv1d_triton"]
+        ins = [None if t is None else t.detach().clone().requires_grad_() for t in dev[:3]]
+        y = causal_conv1d(*ins, dev[3], dev[4], impl="triton")
+        assert numba_common.FUSED_CALLS["causal_conv1d_triton"] == before + 1
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        got = torch.autograd.grad(y, [t for t in ins if t is not None], g)
+        ins64 = [None if t is None else t.detach().double().cpu().requires_grad_() for t in dev[:3]]
+        ref = naive(*ins64, lags, None if state is None else state.double())
+        want = torch.autograd.grad(ref, [t for t in ins64 if t is not None], g.double().cpu())
+        case = (B, T, C, W, packed, with_state, bias)
+        torch.testing.assert_close(y.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{case} y: {m}")
+        for name, a, r in zip(("dx", "dweight", "dbias"), got, want):
+            torch.testing.assert_close(a.double().cpu(), r, rtol=1e-4, atol=1e-4, msg=lambda m: f"{case} {name}: {m}")
+    # bf16 in (fp32 accumulation, bf16 out), x a non-contiguous view, lags given as (T,)
+    x, w, b = inputs(2, 21, 24, 4, True, seed=3)
+    xt = x.to(device).bfloat16().transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, C) view, batch stride 24
+    lags = packed_lags(1, 21, seed=3)[0]
+    y = causal_conv1d(xt, w.to(device), b.to(device), lags.to(device), impl="triton")
+    assert y.dtype == torch.bfloat16 and y.is_contiguous()
+    ref = causal_conv1d_reference(xt.double().cpu(), w.double(), b.double(), lags)
+    torch.testing.assert_close(y.double().cpu(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test covers it")
+def test_triton_conv_interpreter_on_cpu():
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_conv as m; m.run_triton_checks('cpu')"
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_conv_on_gpu_and_dispatch():
+    run_triton_checks("cuda")
+    from griffinlm.ops.conv import default_impl
+
+    x, w, b = (t.cuda() for t in inputs(2, 300, 96, 4, True))
+    assert default_impl(x, w, b, None) == "triton"
+    torch.testing.assert_close(causal_conv1d(x, w, b), causal_conv1d_reference(x.double(), w.double(), b.double()).float())
+
+
+def test_triton_requested_without_triton_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "griffinlm.ops.conv.triton", None)  # import fails as if missing
+    x, w, b = inputs(1, 5, 4, 4, True)
+    with pytest.raises(RuntimeError, match="need the Triton kernels"):
+        causal_conv1d(x, w, b, impl="triton")
+    with pytest.raises(ValueError, match="unknown impl"):
+        causal_conv1d(x, w, b, impl="cuda")
+    with pytest.raises(ValueError, match="state \\(B, W-1, C\\)"):
+        causal_conv1d(x, w, b, None, torch.zeros(1, 2, 4))
+
+
+def test_lag_loop_accumulates_in_fp32_for_bf16_inputs():
+    """The packed torch path (the lag loop) on bf16 inputs sums in fp32 and rounds once: closer
+    to the float64 result than the same loop summing in bf16."""
+    B, T, C, W = 2, 256, 64, 4
+    torch.manual_seed(0)
+    x = torch.randn(B, T, C).bfloat16()
+    w = torch.randn(W, C).bfloat16()
+    b = torch.randn(C).bfloat16()
+    lags = packed_lags(B, T, seed=5)
+    exact = causal_conv1d_reference(x.double(), w.double(), b.double(), lags)
+    got = causal_conv1d(x, w, b, lags)  # bf16 on CPU: the lag loop
+    assert got.dtype == torch.bfloat16
+
+    def bf16_loop():  # the same loop with a bf16 running sum
+        xp = torch.cat([x.new_zeros(B, W - 1, C), x], dim=1)
+        y = x * w[W - 1]
+        for j in range(1, W):
+            y = y + xp[:, W - 1 - j: W - 1 - j + T] * (lags >= j)[..., None].bfloat16() * w[W - 1 - j]
+        return y + b
+
+    err_fp32 = (got.double() - exact).abs().mean().item()
+    err_bf16 = (bf16_loop().double() - exact).abs().mean().item()
+    assert err_fp32 < 0.75 * err_bf16, (err_fp32, err_bf16)
