@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import numba_common
-from ..scan import linear_scan
+from ..scan import linear_scan, missing_triton
 
 # Gradient of sqrt(u) at u -> 0 is unbounded; a_t -> 1 drives 1 - a_t^2 -> 0. Clip it (here and
-# in the fused kernel, `lru.numba`).
+# in the fused kernels, `lru.numba` and `lru.triton`).
 MAX_SQRT_GRADIENT = 1000.0
 
 
@@ -94,14 +94,23 @@ def rglru(
         reset: optional (B, T) bool, True at document starts.
         h0: optional (B, D) float32 state carried in from a cache.
         unscaled_reset: see `rglru_gates`.
-        impl: "fused" (one-pass numba kernel, CPU), "composed" (`rglru_gates` then
-            `linear_scan`, the reference and fallback), or None: fused when available.
+        impl: "fused" (one-pass numba kernel, CPU), "triton" (fused Triton kernels: CUDA, or
+            CPU under TRITON_INTERPRET=1), "composed" (`rglru_gates` then `linear_scan`, the
+            reference), or None: fused on CPU when numba is available, triton on CUDA (a
+            RuntimeError if triton is missing or broken), composed otherwise and for float64.
 
     Returns:
-        y: (B, T, D) float32 states h_t (the RG-LRU output); h_last: (B, D) float32.
+        y: (B, T, D) states h_t (the RG-LRU output): float32, except on the triton path, where
+            y is in x's dtype (half the writes for bf16; the state is still float32 inside);
+        h_last: (B, D) float32.
     """
     if impl is None:
-        impl = "fused" if fusable(x) else "composed"
+        if fusable(x):
+            impl = "fused"
+        elif x.is_cuda and x.dtype != torch.float64:  # the kernels compute in float32
+            impl = "triton"
+        else:
+            impl = "composed"
     if impl == "fused":
         from .numba import RGLRUNumba
 
@@ -109,8 +118,18 @@ def rglru(
             reset = reset.bool()
         numba_common.FUSED_CALLS["rglru"] += 1
         return RGLRUNumba.apply(x, gate_r, gate_i, log_a, c, reset, h0, unscaled_reset)
+    if impl == "triton":
+        try:
+            from .triton import rglru_triton
+        except Exception as e:  # ImportError, or a broken install (a triton that does not match torch)
+            raise missing_triton("rglru", e) from e
+        if reset is not None and reset.dtype != torch.bool:
+            reset = reset.bool()
+        if not torch.compiler.is_compiling():  # a traced counter would be a side effect in the graph
+            numba_common.FUSED_CALLS["rglru_triton"] += 1
+        return rglru_triton(x, gate_r, gate_i, log_a, c, reset, h0, unscaled_reset)
     if impl != "composed":
-        raise ValueError(f"rglru: unknown impl {impl!r}; expected 'fused' or 'composed'")
+        raise ValueError(f"rglru: unknown impl {impl!r}; expected 'fused', 'triton' or 'composed'")
     a_t, u = rglru_gates(gate_r, gate_i, x, log_a, c, reset, unscaled_reset)
     return linear_scan(a_t, u, h0)
 

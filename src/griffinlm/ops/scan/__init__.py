@@ -10,6 +10,7 @@ because the RG-LRU keeps its state in fp32.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -84,13 +85,21 @@ IMPLS = ("reference", "torch", "numba", "triton")
 
 
 def _triton_usable(x: torch.Tensor) -> bool:
-    if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
-        return False
-    try:
-        from . import triton  # noqa: F401
-    except Exception:  # triton missing or broken: the torch Function still works on CUDA
-        return False
-    return True
+    """Whether the Triton kernels may take tensors like x: CUDA ones, or CPU ones under
+    TRITON_INTERPRET=1 (the interpreter the tests use). Says nothing of whether triton imports."""
+    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def missing_triton(op: str, error: Exception) -> RuntimeError:
+    """The error for CUDA tensors when the Triton kernels cannot be imported. On CUDA the only
+    alternative is a Python loop over time, hundreds of times slower: a training run must fail
+    loudly and say how to fix it, not fall back silently."""
+    return RuntimeError(
+        f"{op}: CUDA tensors need the Triton kernels, but importing them failed "
+        f"({type(error).__name__}: {error}). Install the triton that matches this torch "
+        f"(torch {torch.__version__}; `pip install triton`). The pure-torch loop over time, "
+        f"linear_scan(..., impl='torch'), is for tests: it is hundreds of times slower."
+    )
 
 
 def available_impls(device: str | torch.device = "cpu") -> list[str]:
@@ -100,16 +109,21 @@ def available_impls(device: str | torch.device = "cpu") -> list[str]:
     if probe.device.type == "cpu" and numba_common.available():
         out.append("numba")
     if _triton_usable(probe):
+        try:
+            importlib.import_module(f"{__name__}.triton")
+        except Exception:  # missing or broken: linear_scan raises `missing_triton` if asked
+            return out
         out.append("triton")
     return out
 
 
 def default_impl(x: torch.Tensor) -> str:
-    """CUDA -> triton; CPU -> numba; else (or for float64) the torch Function."""
+    """CUDA -> triton (`linear_scan` then raises if triton is missing or broken: see
+    `missing_triton`); CPU -> numba; else (or for float64) the torch Function."""
     if x.dtype == torch.float64:
         return "torch"  # the fast kernels accumulate in float32
     if x.is_cuda:
-        return "triton" if _triton_usable(x) else "torch"
+        return "triton"
     if x.device.type == "cpu" and numba_common.available():
         return "numba"
     return "torch"
@@ -141,8 +155,10 @@ def linear_scan(
         numba_common.FUSED_CALLS["linear_scan"] += 1
         return LinearScanNumba.apply(a, x, h0)
     if impl == "triton":
-        from .triton import linear_scan_triton
-
+        try:
+            from .triton import linear_scan_triton
+        except Exception as e:  # ImportError, or a broken install (a triton that does not match torch)
+            raise missing_triton("linear_scan", e) from e
         return linear_scan_triton(a, x, h0)
     if impl == "torch":
         return _LinearScanTorch.apply(a, x, h0)

@@ -9,6 +9,12 @@ the memory-level parallelism a purely sequential loop would lack.
 The backward scan loads its tiles in descending time order, so the same forward
 `associative_scan` computes the reverse recurrence dh_t = g_t + a_{t+1} dh_{t+1}.
 
+Offsets are 64-bit: program ids and time indices are cast to int64 before they meet a stride,
+because `(B - 1) * T * D` or `(T - 1) * stride` passes 2^31 at long-context sizes (griffin-7b,
+D = 5632: one prefill of about 381k tokens) and int32 arithmetic would wrap into unrelated memory.
+Inputs may have any strides; outputs are allocated contiguous. Every launch runs under a
+device guard, since Triton launches on the *current* CUDA device whatever the pointers say.
+
 Registered with `torch.library.triton_op` ("griffinlm::scan_fwd" / "griffinlm::scan_bwd")
 plus `register_autograd`, so `torch.compile` traces through it. With TRITON_INTERPRET=1
 (set before triton is imported) the kernels also run on CPU tensors, which is how the
@@ -16,6 +22,7 @@ tests check them without a GPU. Reference: `scan.reference.linear_scan_reference
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -37,9 +44,13 @@ def _scan_fwd_kernel(
     s_ab, s_at, s_ad, s_xb, s_xt, s_xd,
     HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    # int64 before any product with a stride or a size: see the module docstring.
+    pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
+    a_row = a_ptr + pid_b * s_ab + offs_d[None, :].to(tl.int64) * s_ad  # (1, BLOCK_D) pointers
+    x_row = x_ptr + pid_b * s_xb + offs_d[None, :].to(tl.int64) * s_xd
+    h_row = h_ptr + pid_b * T * D + offs_d[None, :]
     if HAS_H0:
         carry = tl.load(h0_ptr + pid_b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     else:
@@ -48,14 +59,13 @@ def _scan_fwd_kernel(
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask = (offs_t < T)[:, None] & mask_d[None, :]
+        t64 = offs_t[:, None].to(tl.int64)  # (BLOCK_T, 1)
         # Past the end a = 1, x = 0: the state is carried unchanged to the tile's last row.
-        a = tl.load(a_ptr + pid_b * s_ab + offs_t[:, None] * s_at + offs_d[None, :] * s_ad,
-                    mask=mask, other=1.0).to(tl.float32)
-        x = tl.load(x_ptr + pid_b * s_xb + offs_t[:, None] * s_xt + offs_d[None, :] * s_xd,
-                    mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_row + t64 * s_at, mask=mask, other=1.0).to(tl.float32)
+        x = tl.load(x_row + t64 * s_xt, mask=mask, other=0.0).to(tl.float32)
         a_cum, x_cum = tl.associative_scan((a, x), 0, _combine)
         h = a_cum * carry[None, :] + x_cum
-        tl.store(h_ptr + pid_b * T * D + offs_t[:, None] * D + offs_d[None, :], h, mask=mask)
+        tl.store(h_row + t64 * D, h, mask=mask)
         carry = tl.sum(tl.where(last_row, h, 0.0), axis=0)
     tl.store(h_last_ptr + pid_b * D + offs_d, carry, mask=mask_d)
 
@@ -66,42 +76,49 @@ def _scan_bwd_kernel(
     s_ab, s_at, s_ad, s_gb, s_gt, s_gd,
     HAS_H0: tl.constexpr, HAS_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # int64: see the module docstring
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
+    a_row = a_ptr + pid_b * s_ab + offs_d[None, :].to(tl.int64) * s_ad  # (1, BLOCK_D) pointers
+    g_row = g_ptr + pid_b * s_gb + offs_d[None, :].to(tl.int64) * s_gd
+    out_row = pid_b * T * D + offs_d[None, :]  # contiguous (B, T, D) outputs and h
     carry = tl.load(g_last_ptr + pid_b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     last_row = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None]
     n_tiles = tl.cdiv(T, BLOCK_T)
     for i in range(0, n_tiles):
         # Row j of the tile is time t = end - 1 - j: a forward scan over rows runs backwards in time.
         offs_t = T - 1 - i * BLOCK_T - tl.arange(0, BLOCK_T)
+        t64 = offs_t[:, None].to(tl.int64)  # (BLOCK_T, 1)
         valid_t = offs_t >= 0
         mask = valid_t[:, None] & mask_d[None, :]
         # Coefficient of dh_{t+1} is a_{t+1}; a_T := 1 lets g_last enter at t = T - 1.
         mask_next = (valid_t & (offs_t + 1 < T))[:, None] & mask_d[None, :]
-        c = tl.load(a_ptr + pid_b * s_ab + (offs_t[:, None] + 1) * s_at + offs_d[None, :] * s_ad,
-                    mask=mask_next, other=1.0).to(tl.float32)
+        c = tl.load(a_row + (t64 + 1) * s_at, mask=mask_next, other=1.0).to(tl.float32)
         if HAS_G:
-            g = tl.load(g_ptr + pid_b * s_gb + offs_t[:, None] * s_gt + offs_d[None, :] * s_gd,
-                        mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_row + t64 * s_gt, mask=mask, other=0.0).to(tl.float32)
         else:
             g = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         c_cum, g_cum = tl.associative_scan((c, g), 0, _combine)
         dh = c_cum * carry[None, :] + g_cum
         # h_{t-1}: the previous state, h0 (or 0) before the first step.
         mask_prev = (valid_t & (offs_t >= 1))[:, None] & mask_d[None, :]
-        h_prev = tl.load(h_ptr + pid_b * T * D + (offs_t[:, None] - 1) * D + offs_d[None, :],
-                         mask=mask_prev, other=0.0)
+        h_prev = tl.load(h_ptr + out_row + (t64 - 1) * D, mask=mask_prev, other=0.0)
         if HAS_H0:
             h0 = tl.load(h0_ptr + pid_b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             h_prev = tl.where((offs_t == 0)[:, None], h0[None, :], h_prev)
-        out = pid_b * T * D + offs_t[:, None] * D + offs_d[None, :]
+        out = out_row + t64 * D
         tl.store(dx_ptr + out, dh, mask=mask)
         tl.store(da_ptr + out, dh * h_prev, mask=mask)
         carry = tl.sum(tl.where(last_row, dh, 0.0), axis=0)
     # carry = dh_0 (rows past t = 0 pass it through with c = 1, g = 0); dh0 = a_0 dh_0.
-    a0 = tl.load(a_ptr + pid_b * s_ab + offs_d * s_ad, mask=mask_d, other=1.0).to(tl.float32)
+    a0 = tl.load(a_ptr + pid_b * s_ab + offs_d.to(tl.int64) * s_ad, mask=mask_d, other=1.0).to(tl.float32)
     tl.store(dh0_ptr + pid_b * D + offs_d, a0 * carry, mask=mask_d)
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make t's GPU the current device for a launch: Triton launches on the current device and
+    stream, so without this a tensor on cuda:1 would be handed to a kernel running on cuda:0."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _blocks(T: int, D: int) -> tuple[int, int]:
@@ -120,10 +137,11 @@ def scan_fwd(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> tuple
     h0c = h0.contiguous() if h0 is not None else h_last
     block_t, block_d = _blocks(T, D)
     grid = (B, triton.cdiv(D, block_d))
-    wrap_triton(_scan_fwd_kernel)[grid](
-        a, x, h0c, h, h_last, T, D, *a.stride(), *x.stride(),
-        HAS_H0=h0 is not None, BLOCK_T=block_t, BLOCK_D=block_d,
-    )
+    with device_guard(x):
+        wrap_triton(_scan_fwd_kernel)[grid](
+            a, x, h0c, h, h_last, T, D, *a.stride(), *x.stride(),
+            HAS_H0=h0 is not None, BLOCK_T=block_t, BLOCK_D=block_d,
+        )
     return h, h_last
 
 
@@ -141,10 +159,11 @@ def scan_bwd(
     gc = g if g is not None else h
     block_t, block_d = _blocks(T, D)
     grid = (B, triton.cdiv(D, block_d))
-    wrap_triton(_scan_bwd_kernel)[grid](
-        a, h, h0c, gc, g_last.contiguous(), da, dx, dh0, T, D, *a.stride(), *gc.stride(),
-        HAS_H0=h0 is not None, HAS_G=g is not None, BLOCK_T=block_t, BLOCK_D=block_d,
-    )
+    with device_guard(h):
+        wrap_triton(_scan_bwd_kernel)[grid](
+            a, h, h0c, gc, g_last.contiguous(), da, dx, dh0, T, D, *a.stride(), *gc.stride(),
+            HAS_H0=h0 is not None, HAS_G=g is not None, BLOCK_T=block_t, BLOCK_D=block_d,
+        )
     return da, dx, dh0
 
 
