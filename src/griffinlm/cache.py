@@ -46,6 +46,11 @@ class ModelCache:
         sizes = [c.entries for c in self.blocks if isinstance(c, AttentionCache) and not c.ring]
         self._capacity = min(sizes) if sizes else None  # shapes never change
         self.all_slots = torch.arange(self.batch_size, device=self.positions.device)  # (N,): every slot in order
+        if self.positions.is_cuda:
+            # A step compiled with mode="reduce-overhead" updates these in place; Inductor captures
+            # it as a CUDA graph only if their addresses are fixed (else: "mutated inputs", no graph).
+            for t in self._all_tensors() + [self.all_slots]:
+                torch._dynamo.mark_static_address(t)
 
     @property
     def batch_size(self) -> int:
