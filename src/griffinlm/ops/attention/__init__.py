@@ -10,7 +10,9 @@ block, which holds every key any of its queries may see. The blocks go through b
 `scaled_dot_product_attention` calls (query heads sharing a kv head folded into the rows),
 masked with one (block, P + block) pattern shared by every block past the first window (and
 per-block masks for the first blocks, or for all of them with documents), so time and memory
-grow as T * (window + block), not T^2. The dense masked reference is `attention/reference.py`.
+grow as T * (window + block), not T^2. On CUDA, local attention goes through flex_attention
+instead (`attention/flex.py`: a sliding-window and document BlockMask, no K/V copies, no float
+mask). The dense masked reference is `attention/reference.py`.
 """
 from __future__ import annotations
 
@@ -155,8 +157,10 @@ def causal_attention(
         scale: softmax scale (default hd ** -0.5).
         block: query block length of the blocked sliding-window path (None: MQA_BLOCK with
             one kv head, else MHA_BLOCK).
-        impl: "blocked" or "dense" (the T x T masked SDPA) to force a path; None picks:
-            blocked for window < T, else SDPA with is_causal (or the dense mask with documents).
+        impl: "flex" (`attention/flex.py`; compiled on CUDA, flex_attention's eager math
+            path elsewhere), "blocked" or "dense" (the T x T masked SDPA) to force a path; None
+            picks: for window < T flex on CUDA, blocked elsewhere; else SDPA with is_causal (or
+            the dense mask with documents).
 
     Returns:
         (B, H, T, hd) in q's dtype.
@@ -165,12 +169,16 @@ def causal_attention(
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
     local = window is not None and window < T
     if impl is None:
-        impl = "blocked" if local else "dense"
+        impl = ("flex" if q.is_cuda else "blocked") if local else "dense"
+    if impl == "flex" and window is not None:
+        from .flex import flex_local_attention
+
+        return flex_local_attention(q, k, v, window, q_doc_start, scale, compiled=q.is_cuda)
     if impl == "blocked" and window is not None:
         if block is None:
             block = MQA_BLOCK if k.shape[1] == 1 else MHA_BLOCK
         return _blocked_local_attention(q, k, v, window, q_doc_start, scale, block)
-    if impl not in ("blocked", "dense"):
+    if impl not in ("flex", "blocked", "dense"):
         raise ValueError(f"causal_attention: unknown impl {impl!r}")
     rep = H // k.shape[1]
     k, v = _expand_kv(k, rep), _expand_kv(v, rep)
