@@ -279,7 +279,7 @@ def test_chat_uses_the_tokenizers_chat_template(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from griffinlm.data import load_tokenizer
-    from griffinlm.serve.chat import ChatFormat
+    from griffinlm.inference.chat import ChatFormat
 
     words = ["<pad>", "<eos>", "<bos>", "<unk>", "user", "model", "hi", "there", ":", "|"]
     t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `RUN/checkpoints/step_XXXXXXXX/` with
   config.json          the ModelConfig (`ModelConfig.to_dict()`)
-  model.safetensors    the weights
+  model.safetensors    the weights (a LoRA fine-tuning run: its adapters only; trainer.json names
+                       the base checkpoint they apply to)
   state.safetensors    optimizer moments and RNG states (tensors only; nothing is pickled)
   trainer.json         step, training settings, optimizer hyper-parameters, data position, python
                        and numpy RNG scalars, and a manifest (size + sha256) of the three files above.
@@ -19,6 +20,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,10 +135,12 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, keep_last: int = 3) -> str:
+                    trainer_state: dict, keep_last: int = 3, only: Sequence[str] | None = None) -> str:
     """Writes checkpoint `step` atomically, then keeps only the newest `keep_last`. Returns its path.
 
     trainer_state: JSON-safe dict (training config, data position, metrics so far).
+    only: the state-dict names to store (a LoRA run's adapters; the frozen base is recorded
+        by reference in trainer_state); None: all of them.
     """
     st = _safetensors()
     root = checkpoint_dir(run_dir)
@@ -146,7 +150,7 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write_json_durable(os.path.join(tmp, "config.json"), model.config.to_dict())
-    save_weights_file(model, os.path.join(tmp, "model.safetensors"))
+    save_weights_file(model, os.path.join(tmp, "model.safetensors"), only)
     opt_tensors, groups = _optimizer_to_parts(optimizer)
     rng_tensors, rng_scalars = rng_state()
     st.save_file({**opt_tensors, **rng_tensors}, os.path.join(tmp, "state.safetensors"))
@@ -264,28 +268,33 @@ def check_config(saved: ModelConfig, wanted: ModelConfig, where: str) -> None:
         raise CheckpointError(f"model config does not match checkpoint {where}: {fields}")
 
 
-def load_weights(ckpt: Checkpoint, model: torch.nn.Module) -> None:
-    """Loads the verified checkpoint's weights into `model` (whose config must match)."""
+def load_weights(ckpt: Checkpoint, model: torch.nn.Module, only: Sequence[str] | None = None) -> None:
+    """Loads the verified checkpoint's weights into `model` (whose config must match); `only`:
+    the names the file must hold exactly (a checkpoint saved with `only`)."""
     check_config(ckpt.config, model.config, ckpt.path)
-    load_weights_file(os.path.join(ckpt.path, "model.safetensors"), model)
+    load_weights_file(os.path.join(ckpt.path, "model.safetensors"), model, only)
 
 
 # safetensors metadata key holding a quantized model's mode (`griffinlm.quantize`)
 QUANTIZATION_KEY = "griffinlm_quantization"
 
 
-def save_weights_file(model: torch.nn.Module, fp: str) -> None:
-    """Writes `model`'s weights to the safetensors file `fp`; a quantized model's mode goes in the
-    metadata, so that `load_weights_file` rebuilds its structure first."""
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def save_weights_file(model: torch.nn.Module, fp: str, only: Sequence[str] | None = None) -> None:
+    """Writes `model`'s weights (those named in `only`, if given) to the safetensors file `fp`; a
+    quantized model's mode goes in the metadata, so that `load_weights_file` rebuilds its
+    structure first."""
+    state = model.state_dict()
+    if only is not None:
+        state = {k: state[k] for k in only}
+    weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     quantized = getattr(model, "quantization", None)
     _safetensors().save_file(weights, fp, metadata={"format": "pt", **({QUANTIZATION_KEY: quantized}
                                                                        if quantized else {})})
 
 
-def load_weights_file(fp: str, model: torch.nn.Module) -> None:
-    """Loads a model.safetensors file into `model`; CheckpointError names the file when it is
-    unreadable or its tensors do not fit the model."""
+def load_weights_file(fp: str, model: torch.nn.Module, only: Sequence[str] | None = None) -> None:
+    """Loads a model.safetensors file into `model` (all of its state, or exactly the names in
+    `only`); CheckpointError names the file when it is unreadable or its tensors do not fit."""
     try:
         weights = _safetensors().load_file(fp, device=str(next(model.parameters()).device))
         from safetensors import safe_open
@@ -307,6 +316,8 @@ def load_weights_file(fp: str, model: torch.nn.Module) -> None:
         if missing_scales:
             raise CheckpointError(f"{fp} holds int8 weights without their scales: {missing_scales[:3]}")
     missing, unexpected = model.load_state_dict(weights, strict=False)
+    if only is not None:
+        missing = sorted(set(only) - set(weights))
     if missing or unexpected:
         raise CheckpointError(f"{fp} does not fit the model: missing {missing}, unexpected {unexpected}")
 

@@ -14,6 +14,7 @@ SUBCOMMANDS = (
     ("griffinlm.cli", "add_info_parser"),
     ("griffinlm.train.cli", "add_train_parser"),
     ("griffinlm.train.cli", "add_eval_parser"),
+    ("griffinlm.finetune.cli", "add_finetune_parser"),
     ("griffinlm.evaluate.cli", "add_study_parser"),
     ("griffinlm.inference.cli", "add_generate_parser"),
     ("griffinlm.serve.cli", "add_serve_parser"),

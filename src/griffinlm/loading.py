@@ -2,6 +2,8 @@
 
 Every directory griffinlm writes or reads is accepted:
   - a training run (`griffinlm train --out DIR`): its newest checkpoint;
+  - a LoRA fine-tuning run or checkpoint (`griffinlm finetune`): the base checkpoint it names,
+    with the saved adapters folded in (`finetune.job.load_finetuned`);
   - a checkpoint directory (`save_checkpoint`, `griffinlm convert --from-hf`): verified against
     its manifest (sizes and sha256) before anything is loaded;
   - a weights directory: config.json holding a `ModelConfig` + model.safetensors (what
@@ -95,7 +97,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, dtype: 
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     spec: str | dict | None = tokenizer
     raw = _config_json(path)
-    if os.path.isfile(os.path.join(path, "trainer.json")) or os.path.isdir(checkpoint_dir(path)):
+    if (job := read_trainer(path)[1].get("job")) and job.get("kind") == "finetune" and job.get("lora"):
+        from .finetune.job import load_finetuned  # a LoRA run: its base with the adapters folded in
+
+        model, tok = load_finetuned(path, device)
+        if tokenizer is None:
+            return _finish(model, tok, dtype, quantize)
+        spec, source = tokenizer, path
+    elif os.path.isfile(os.path.join(path, "trainer.json")) or os.path.isdir(checkpoint_dir(path)):
         model, ckpt = load_model(path, device)
         spec = spec if spec is not None else ckpt.trainer.get("tokenizer")
         source = ckpt.path
@@ -119,6 +128,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, dtype: 
         tok = load_directory_tokenizer(beside)
     else:
         tok = load_tokenizer(spec)
+    return _finish(model, tok, dtype, quantize)
+
+
+def _finish(model: LanguageModel, tok: Tokenizer, dtype: torch.dtype | None,
+            quantize: str | None) -> tuple[LanguageModel, Tokenizer]:
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")

@@ -15,6 +15,7 @@ from ..ops import gated_activation
 from ..ops.decode_step import KernelViews, StepRows, mlp_step
 from ..ops.linear import linear
 from .state import StepArgs
+from .adapters import linear_parameters
 from .linear import Linear
 
 GATED = ("glu", "bilinear", "reglu", "geglu", "swiglu")
@@ -88,13 +89,13 @@ def step_activation(act: nn.Module) -> tuple[str, float | torch.Tensor]:
 
 
 def ffn_step(ffn: GatedMLP | MLP, x: torch.Tensor, rows: StepRows | None, norm: nn.Module,
-             gate: nn.Linear | None) -> torch.Tensor:
+             gate: nn.Module | None) -> torch.Tensor:
     """The one-token step of either feed-forward block (gated with `gate`, plain without)."""
     if (out := ffn.step_views.run(x, rows)) is not None:
         return out  # the fused op's bound call: nothing changed since the last token
     args = ffn.step_args.get(lambda: (
-        norm.op_args(), None if gate is None else (gate.weight, gate.bias), (ffn.up_proj.weight, ffn.up_proj.bias),
-        (ffn.down_proj.weight, ffn.down_proj.bias), *step_activation(ffn.act)), rows is not None and rows.unchanged)
+        norm.op_args(), None if gate is None else linear_parameters(gate), linear_parameters(ffn.up_proj),
+        linear_parameters(ffn.down_proj), *step_activation(ffn.act)), rows is not None and rows.unchanged)
     return mlp_step(x, *args, rows, ffn.step_views)
 
 
@@ -145,7 +146,8 @@ class GatedMLP(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_kind is not None:
-            if self.gate_proj.bias is not None and plain_parameters(self.gate_proj, self.up_proj):
+            if (self.gate_proj.bias is not None and isinstance(self.gate_proj, Linear) and isinstance(self.up_proj, Linear)
+                    and plain_parameters(self.gate_proj, self.up_proj)):
                 # biases folded into the fused op instead of a broadcast copy inside addmm
                 gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
                 return self.down_proj(gated_activation(gate, up, self.fused_kind, self.gate_proj.bias,

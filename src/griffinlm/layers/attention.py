@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..ops import causal_attention
 from ..ops.decode_step import KernelViews, StepRows, attention_step
 from ..ops.attention import grouped_attention
+from .adapters import linear_parameters
 from .linear import Linear
 from .norm import RMSNorm
 from .positions import Positions
@@ -145,6 +146,6 @@ class MultiQueryAttention(nn.Module):
         if (out := self.step_views.run(x, rows, state.k, state.v)) is not None:
             return out  # the fused op's bound call: nothing changed since the last token
         args = self.step_args.get(lambda: (
-            norm.op_args(), *((p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)),
+            norm.op_args(), *map(linear_parameters, (self.q_proj, self.k_proj, self.v_proj, self.o_proj)),
             self.num_heads, self.rope.op_args()), rows.unchanged)
         return attention_step(x, *args, state.k, state.v, state.ring, rows, self.step_views)

@@ -16,6 +16,7 @@ from ..ops import gated_activation
 from ..ops.decode_step import KernelViews, StepRows, recurrent_step
 from ..ops.linear import linear
 from .activations import plain_parameters
+from .adapters import base_module, linear_parameters
 from .conv import Conv1D
 from .linear import Linear
 from .norm import RMSNorm
@@ -62,7 +63,7 @@ class RecurrentBlock(nn.Module):
         return RecurrentCache.init(batch, self.lru_width, self.conv_width, device, dtype)
 
     def forward(self, x: torch.Tensor, pos: Positions, cache: RecurrentCache | None = None) -> torch.Tensor:
-        fold = self.gelu_approximate == "tanh" and plain_parameters(self.linear_y)
+        fold = self.gelu_approximate == "tanh" and isinstance(self.linear_y, Linear) and plain_parameters(self.linear_y)
         # (B, T, D_rnn) before its GeLU; with `fold` also before its bias (added in the fused op)
         y = linear(x, self.linear_y.weight) if fold else self.linear_y(x)
         u = self.linear_x(x)  # (B, T, D_rnn)
@@ -84,7 +85,7 @@ class RecurrentBlock(nn.Module):
         if (out := self.step_views.run(x, rows, state.conv, state.rnn)) is not None:
             return out  # the fused op's bound call: nothing changed since the last token
         args = self.step_args.get(lambda: (
-            norm.op_args(), (self.linear_y.weight, self.linear_y.bias), (self.linear_x.weight, self.linear_x.bias),
-            self.conv1d.op_args(), self.rg_lru.op_args(), (self.linear_out.weight, self.linear_out.bias),
+            norm.op_args(), linear_parameters(self.linear_y), linear_parameters(self.linear_x),
+            self.conv1d.op_args(), base_module(self.rg_lru).op_args(self.rg_lru), linear_parameters(self.linear_out),
             self.gelu_approximate), rows.unchanged)
         return recurrent_step(x, *args, state.conv, state.rnn, rows, self.step_views)

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..ops import block_diagonal_linear, rglru
 from ..ops.lru import log_a_from_lambda
+from .adapters import parameters as adapted_parameters
 
 
 def lambda_init(width: int, init: str, min_rad: float = 0.9, max_rad: float = 0.999, c: float = 8.0) -> torch.Tensor:
@@ -65,11 +66,15 @@ class RGLRU(nn.Module):
         r, i = block_diagonal_linear(x, [self.gate_r_weight, self.gate_i_weight], [self.gate_r_bias, self.gate_i_bias])
         return r, i
 
-    def op_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, bool]:
+    def op_args(self, wrapped: nn.Module | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, bool]:
         """(gate_r_weight, gate_r_bias, gate_i_weight, gate_i_bias, lambda_, c, unscaled_reset): this
-        layer as the arguments of the fused decoding op `ops.recurrent_step`."""
-        return (self.gate_r_weight, self.gate_r_bias, self.gate_i_weight, self.gate_i_bias, self.lambda_,
-                self.c, self.unscaled_reset)
+        layer as the arguments of the fused decoding op `ops.recurrent_step`. `wrapped`: the peft
+        wrapper around this layer (LoRA on the gate weights), whose updates are then added."""
+        names = ("gate_r_weight", "gate_r_bias", "gate_i_weight", "gate_i_bias", "lambda_")
+        params = adapted_parameters(wrapped, names) if wrapped is not None and wrapped is not self else \
+            tuple(getattr(self, n) for n in names)
+        return (*params, self.c, self.unscaled_reset)
 
     def log_a(self) -> torch.Tensor:
         """(D,) log sigmoid(Lambda) = -softplus(-Lambda), in float32."""

@@ -7,6 +7,8 @@ import operator
 import torch
 import torch.nn as nn
 
+from .adapters import adapter_state, adapters_in
+
 
 class SlotState:
     """Mixin for a block's state dataclass: tensor fields of shape (N, ...), one row per slot
@@ -26,14 +28,16 @@ class SlotState:
 class TreeWatch:
     """Tells cheaply (one pass over cached references) whether any submodule, parameter or buffer object of a
     module tree was replaced, or any tensor's storage moved (`.to()`, `param.data = ...`), since
-    the last call. In-place updates (an optimizer step, `load_state_dict`) are not changes.
+    the last call. In-place updates (an optimizer step, `load_state_dict`) are not changes, except
+    under peft's LoRA wrappers, whose adapted parameters are sums rather than views
+    (`adapters.adapter_state`).
 
     The decoding step asks once per token (`LanguageModel.step`) and, when nothing changed, lets
     every layer reuse the arguments it gathered for its fused op (`StepArgs`, `KernelViews`)
     instead of re-reading tens of attributes per layer. Plain Python attributes (a norm's eps, a
     head count) are not watched: they are construction-time settings."""
 
-    __slots__ = ("dicts", "keys", "objects", "tensors", "ptrs")
+    __slots__ = ("dicts", "keys", "objects", "tensors", "ptrs", "adapters", "adapter_state")
 
     def __init__(self) -> None:
         self.dicts: list[dict] = []
@@ -41,17 +45,22 @@ class TreeWatch:
         self.objects: list = []
         self.tensors: list[torch.Tensor] = []
         self.ptrs: list[int] = []
+        self.adapters: list[nn.Module] = []
+        self.adapter_state: tuple = ()
 
     def unchanged(self, root: nn.Module) -> bool:
         """False on the first call and after any change (then it starts watching anew)."""
         if (self.dicts and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objects))
-                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs):
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs
+                and (not self.adapters or adapter_state(self.adapters) == self.adapter_state)):
             return True
         entries = [(d, k, o) for m in root.modules() for d in (m._modules, m._parameters, m._buffers)
                    for k, o in d.items()]
         self.dicts, self.keys, self.objects = (list(e) for e in zip(*entries))
         self.tensors = [o for _, _, o in entries if isinstance(o, torch.Tensor)]
         self.ptrs = list(map(torch.Tensor.data_ptr, self.tensors))
+        self.adapters = adapters_in(root)
+        self.adapter_state = adapter_state(self.adapters)
         return False
 
 

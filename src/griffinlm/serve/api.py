@@ -9,7 +9,7 @@ failed (the engine goes on serving the others).
 Prompts: a string is encoded after the tokenizer's BOS (as every training document starts);
 a list of token ids is used as is; a list of strings is a batch of prompts. Chat messages are
 rendered with the tokenizer's chat template where its tokenizer_config.json has one, else with
-the plain template (`serve.chat`).
+the plain template (`inference.chat`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .chat import ChatFormat
+from ..inference.chat import ChatFormat
 from .engine import BadRequest, Engine, Event, QueueFull, Sampling
 from .metrics import ServeMetrics
 

@@ -8,6 +8,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -22,7 +23,7 @@ from ..parallel import (ParallelContext, ShardedSampler, launched_by_torchrun, m
                         setup_distributed)
 from ..precision import autocast, compute_dtype
 from .config import TrainConfig
-from .data import open_run_data
+from .data import RunData, open_run_data
 from .optim import lr_at, make_optimizer
 from .step import batch_nats, optimizer_step
 from .records import MetricsLog, plot_loss_curve, progress_bar
@@ -59,19 +60,43 @@ def evaluate(model: LanguageModel, batches: Iterable[Batch], device: torch.devic
             "target_tokens": targets, "bytes": nbytes}
 
 
+@dataclass
+class TrainingJob:
+    """What a run trains when it is not a new model on a corpus (`griffinlm finetune`).
+
+    model: the model to train, built and initialised (adapters applied: only parameters with
+        requires_grad train).
+    data: its data.
+    record: JSON-safe description stored in trainer.json ("job"); a resumed run must match it.
+    trainable_only: checkpoints hold only the trainable parameters (a LoRA run's adapters; the
+        record names the frozen base they apply to).
+    """
+
+    model: LanguageModel
+    data: RunData
+    record: dict
+    trainable_only: bool = False
+
+
 class Trainer:
     """One training run in `out_dir`.
 
     Args:
-        model_config: the model; None with `resume` to take it from the checkpoint.
+        model_config: the model; None with `resume` to take it from the checkpoint (or with `job`).
         config: training settings.
         out_dir: run directory (checkpoints/, metrics.jsonl, loss_curve.png, summary.json).
         resume: continue from the newest valid checkpoint in out_dir (if any).
+        job: a prepared model and data instead of `model_config` on `config.data` (fine-tuning).
     """
 
     def __init__(self, model_config: ModelConfig | None, config: TrainConfig, out_dir: str,
-                 resume: bool = False, kill_at_step: int | None = None, tp: int = 1, fsdp: bool = False):
-        self.cfg, self.out_dir, self._kill_at_step = config, out_dir, kill_at_step
+                 resume: bool = False, kill_at_step: int | None = None, tp: int = 1, fsdp: bool = False,
+                 job: TrainingJob | None = None):
+        self.cfg, self.out_dir, self._kill_at_step, self.job = config, out_dir, kill_at_step, job
+        if job is not None:
+            if tp != 1 or fsdp:
+                raise ValueError("fine-tuning runs in one process (no --tp / --fsdp)")
+            model_config = job.model.config
         # Under torchrun (or with --tp/--fsdp): a (dp, tp) mesh; in one process, degree 1.
         self.par = _parallel_context(tp, fsdp, config.device)
         self.is_main = self.par.is_main
@@ -86,6 +111,10 @@ class Trainer:
             if diff:
                 fields = "; ".join(f"{k}: checkpoint has {a!r}, requested {b!r}" for k, (a, b) in diff.items())
                 raise CheckpointError(f"training settings differ from checkpoint {ckpt.path}: {fields}")
+            if job is not None and ckpt.trainer.get("job") != job.record:
+                saved = ckpt.trainer.get("job") or {}
+                diff = sorted(k for k in set(saved) | set(job.record) if saved.get(k) != job.record.get(k))
+                raise CheckpointError(f"fine-tuning settings differ from checkpoint {ckpt.path}: {', '.join(diff)}")
             if model_config is None:
                 model_config = ckpt.config
             check_config(ckpt.config, model_config, ckpt.path)
@@ -95,8 +124,9 @@ class Trainer:
         self.device = self.par.device
         compute_dtype(self.device, config.dtype)  # bf16 on a CPU without it: refused before any work
         micro = config.batch_size // config.grad_accum
-        self.data = open_run_data(config.data, config.tokenizer, config.text_field, config.seq_len, micro,
-                                  config.seed, verbose=config.progress and self.is_main)
+        self.data = job.data if job is not None else open_run_data(
+            config.data, config.tokenizer, config.text_field, config.seq_len, micro, config.seed,
+            verbose=config.progress and self.is_main)
         if self.par.distributed:  # each DP rank reads its rows of every global micro-batch
             self.data.sampler = ShardedSampler(self.data.sampler, self.par)
         if model_config.vocab_size < self.data.vocab_size:
@@ -105,7 +135,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
-        self.model = LanguageModel(model_config).to(self.device)
+        self.model = (job.model if job is not None else LanguageModel(model_config)).to(self.device)
+        # the state-dict names a checkpoint holds (None: all)
+        self.saved_names = ([n for n, p in self.model.named_parameters() if p.requires_grad]
+                            if job is not None and job.trainable_only else None)
         parallelize(self.model, self.par, fsdp, mixed_precision_policy(self.device) if self.par.distributed else None,
                     activation_checkpointing=config.grad_checkpointing)
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay,
@@ -117,7 +150,7 @@ class Trainer:
             from ..parallel.checkpoint import load_training_state
             load_training_state(ckpt, self.model, self.optimizer)  # any saved layout -> this one
         elif ckpt is not None:
-            load_weights(ckpt, self.model)
+            load_weights(ckpt, self.model, self.saved_names)
             load_optimizer(ckpt, self.optimizer)
         if ckpt is not None:
             self.data.sampler.load_state_dict(ckpt.trainer["data"])
@@ -161,12 +194,13 @@ class Trainer:
     def save(self) -> str:
         state = {"train_config": self.cfg.to_dict(), "data": self.data.sampler.state_dict(),
                  "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
-                 "tokenizer": self.data.tokenizer.to_dict()}
+                 "tokenizer": self.data.tokenizer.to_dict(), **({"job": self.job.record} if self.job else {})}
         if self.par.distributed:
             from ..parallel.checkpoint import save_training_checkpoint
             return save_training_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state,
                                             self.cfg.keep_last, self.par.layout())
-        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_last)
+        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_last,
+                               self.saved_names)
 
     def run(self, until: int | None = None) -> dict | None:
         """Trains to `steps`, evaluating and saving on schedule. Returns the summary (also in summary.json).

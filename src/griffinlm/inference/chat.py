@@ -57,20 +57,24 @@ class ChatFormat:
         """Stop strings a chat request gets when it gives none."""
         return [] if self.template is not None else ["\nUser:"]
 
-    def render(self, messages: Sequence[dict]) -> str:
-        """The prompt text of `messages` (dicts with "role" and "content")."""
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The text of `messages` (dicts with "role" and "content"): a prompt for the assistant's
+        next turn, or (add_generation_prompt=False) the conversation as it stands, as fine-tuning
+        reads it."""
         if self.template is None:
-            return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-        return self.template.render(messages=list(messages), add_generation_prompt=True,
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+            return text + "Assistant:" if add_generation_prompt else text
+        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                     **{k: v for k, v in self.special.items() if v is not None})
+
+    def strip_bos(self, text: str) -> str:
+        """`text` without the BOS string a template may begin with (the id is added instead)."""
+        bos = self.special.get("bos_token")
+        return text[len(bos):] if self.template is not None and bos and text.startswith(bos) else text
 
     def encode(self, messages: Sequence[dict]) -> list[int]:
         """Prompt ids: the rendered text, after BOS unless the template already begins with it."""
-        text = self.render(messages)
-        bos = self.special.get("bos_token")
-        if self.template is not None and bos and text.startswith(bos):
-            return [self.tok.bos_id] + [int(i) for i in self.tok.encode(text[len(bos):])]
-        return [self.tok.bos_id] + [int(i) for i in self.tok.encode(text)]
+        return [self.tok.bos_id] + [int(i) for i in self.tok.encode(self.strip_bos(self.render(messages)))]
 
 
 def _raise(message: str):
