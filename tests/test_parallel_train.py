@@ -81,3 +81,70 @@ def test_fsdp_on_2_ranks_resumes_on_1_and_back(corpus, single, tmp_path):
     assert r.returncode != 0
     _run(_args(corpus, b) + ["--resume", "--fsdp"], nproc=2)
     _same(_losses(b), single)
+
+
+def _bf16_fsdp_run(rank: int, world: int, out: str) -> None:
+    """Three optimizer steps of a tiny Griffin under FSDP's bf16 policy and bf16 autocast, the
+    global batch of 4 rows split over `world` ranks; rank 0 writes the losses, gradient norms,
+    Lambda's dtype and the parameter dtypes each kind of module computed with."""
+    import torch
+
+    from griffinlm import LanguageModel, ModelConfig
+    from griffinlm.data import Batch
+    from griffinlm.layers import RGLRU, Linear, RMSNorm
+    from griffinlm.parallel import build_context, mixed_precision_policy, parallelize
+    from griffinlm.train import make_optimizer
+    from griffinlm.train.step import optimizer_step
+
+    ctx = build_context(1, torch.device("cpu"))
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("griffin-tiny", width=32, depth=3, num_heads=2, local_window=8, mlp_expansion=2.0)
+    model = LanguageModel(cfg)
+    parallelize(model, ctx, fsdp=True, mp_policy=mixed_precision_policy(ctx.device, torch.bfloat16))
+    seen: dict[str, set] = {}
+    for m in model.modules():  # hooks after FSDP's: they see the parameters the forward uses
+        kind = next((k for c, k in ((RGLRU, "rglru"), (RMSNorm, "norm"), (Linear, "linear")) if isinstance(m, c)), None)
+        if kind is not None:
+            m.register_forward_pre_hook(
+                lambda mod, args, kind=kind: seen.setdefault(kind, set()).update(
+                    str(p.dtype) for p in mod.parameters(recurse=False)))
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 16), generator=g)
+    seg = torch.cat([torch.arange(6), torch.arange(10)]).expand(4, 16)
+    batch = Batch(tokens, torch.roll(tokens, -1, 1), seg, torch.ones(4, 16, dtype=torch.bool), 0.0)
+    rows = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    local = Batch(batch.tokens[rows], batch.targets[rows], batch.segment_pos[rows], batch.loss_mask[rows], 0.0)
+    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
+    steps = [optimizer_step(model, optimizer, [local], ctx, lr=1e-3, grad_clip=1.0, dtype="bf16") for _ in range(3)]
+    lam = [p.full_tensor() for n, p in model.named_parameters() if n.endswith("lambda_")]
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"losses": [r.nats for r in steps], "grad_norms": [r.grad_norm for r in steps],
+                       "lambda_dtype": str(lam[0].dtype), "seen": {k: sorted(v) for k, v in seen.items()}}, f)
+
+
+def test_bf16_fsdp_keeps_lambda_and_norms_fp32_and_1_and_2_ranks_agree(tmp_path):
+    """Under FSDP's bf16 policy the RG-LRU (Lambda) and the norms compute with fp32 parameters,
+    the linear layers with bf16 ones; one rank and two ranks (gloo, CPU) give the same losses
+    and gradient norms over three steps."""
+    from griffinlm.ops.gemm_backend import native_bf16
+    from griffinlm.parallel.launch import spawn
+
+    if not native_bf16():
+        pytest.skip("CPU without native bf16")
+    runs = {}
+    for world in (1, 2):
+        out = str(tmp_path / f"w{world}.json")
+        spawn(_bf16_fsdp_run, world, out)
+        with open(out) as f:
+            runs[world] = json.load(f)
+    for r in runs.values():
+        assert r["seen"] == {"rglru": ["torch.float32"], "norm": ["torch.float32"], "linear": ["torch.bfloat16"]}
+        assert r["lambda_dtype"] == "torch.float32"
+    one, two = runs[1], runs[2]
+    for a, b in zip(one["losses"], two["losses"]):
+        assert abs(a - b) <= 1e-3 * abs(a), (one["losses"], two["losses"])
+    # (not Lambda itself: Adam moves entries with near-zero gradients by +-lr on their sign, which
+    # rounding noise can flip; the losses after two updates and the gradient norms cover them)
+    for a, b in zip(one["grad_norms"], two["grad_norms"]):
+        assert abs(a - b) <= 1e-2 * abs(a), (one["grad_norms"], two["grad_norms"])

@@ -8,11 +8,18 @@ wrapped by FSDP2's `replicate` (DDP semantics: whole parameters on every rank, o
 all-reduce per block). Both compose with tensor parallelism: a TP-sharded parameter becomes
 a 2-D DTensor (Shard(0) over dp, its TP placement over tp).
 
+Mixed precision: with a bf16 `param_dtype`, the norms and RG-LRUs
+(`precision.fp32_parameter_modules`) are wrapped first as FSDP units of their own with an fp32
+parameter policy that leaves their inputs' dtype alone, so Lambda, the norm scales and the
+recurrent state are fp32 as in a single-device autocast run (see `griffinlm.precision`).
+
 Gradients are summed, not averaged, across DP ranks: each rank's loss is already divided by
 the number of target tokens of the whole global batch, so the sum is exactly the gradient of
 one process on that batch.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -32,6 +39,29 @@ def mixed_precision_policy(device: torch.device, dtype: torch.dtype | None = Non
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
+def _low_precision(policy: MixedPrecisionPolicy) -> bool:
+    return policy.param_dtype is not None and policy.param_dtype != torch.float32
+
+
+# fp32 parameters, fp32 gradient reduction, and the inputs left in the dtype they arrive in
+# (the enclosing block's bf16): the module computes as it would under single-device autocast.
+FP32_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def _shard_fp32_modules(module: nn.Module, dp_mesh: DeviceMesh, policy: MixedPrecisionPolicy,
+                        shard: Callable[..., None]) -> list[nn.Module]:
+    """Under a low-precision policy, wrap `module`'s norms and RG-LRUs as units with FP32_POLICY
+    (before their parent: FSDP wraps children first). Returns the wrapped modules."""
+    from ..precision import fp32_parameter_modules
+
+    if not _low_precision(policy):
+        return []
+    mods = fp32_parameter_modules(module)
+    for m in mods:
+        shard(m, mesh=dp_mesh, mp_policy=FP32_POLICY)
+    return mods
+
+
 def _sum_gradients(modules: list[nn.Module]) -> None:
     for m in modules:
         if isinstance(m, FSDPModule):
@@ -43,11 +73,14 @@ def _sum_gradients(modules: list[nn.Module]) -> None:
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
     """FSDP2 over each residual block and the root. Returns the model (modified in place)."""
     mp_policy = mp_policy or MixedPrecisionPolicy()
+    fp32 = []
     for block in model.blocks:
+        fp32 += _shard_fp32_modules(block, dp_mesh, mp_policy, fully_shard)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy)
+    fp32 += _shard_fp32_modules(model.final_norm, dp_mesh, mp_policy, fully_shard)
     # The root's parameters (embedding, final norm) are needed first in backward: keep them.
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
-    _sum_gradients([*model.blocks, model])
+    _sum_gradients([*fp32, *model.blocks, model])
     return model
 
 
@@ -56,10 +89,13 @@ def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh, mp_policy: MixedPreci
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
     mp_policy = mp_policy or MixedPrecisionPolicy()
+    fp32 = []
     for block in model.blocks:
+        fp32 += _shard_fp32_modules(block, dp_mesh, mp_policy, replicate)
         replicate(block, mesh=dp_mesh, mp_policy=mp_policy)
+    fp32 += _shard_fp32_modules(model.final_norm, dp_mesh, mp_policy, replicate)
     replicate(model, mesh=dp_mesh, mp_policy=mp_policy)
-    _sum_gradients([*model.blocks, model])
+    _sum_gradients([*fp32, *model.blocks, model])
     return model
 
 
