@@ -27,8 +27,9 @@ FRUITS = {"apple": "red", "banana": "yellow", "lime": "green", "plum": "purple",
           "lemon": "yellow", "kiwi": "green", "grape": "purple"}
 
 
-def adapted(name: str, gates: bool = True, seed: int = 0):
-    """(plain copy of the base, LoRA model with non-zero adapters, its PeftModel)."""
+def adapted(name: str, gates: bool = True, seed: int = 0, fused: bool = True):
+    """(plain copy of the base, LoRA model with non-zero adapters, its PeftModel); `fused`: our
+    LoRA layers (ops.lora_linear), else peft's own (a plain get_peft_model)."""
     torch.manual_seed(seed)
     base = LanguageModel(ModelConfig.preset(name, **SMALL)).eval()
     with torch.no_grad():
@@ -36,7 +37,7 @@ def adapted(name: str, gates: bool = True, seed: int = 0):
             if p.dim() < 2:
                 p.add_(0.2 * torch.randn_like(p))
     lm = copy.deepcopy(base)
-    pm = apply_lora(lm, LoraSettings(r=4, alpha=8, dropout=0.0, gates=gates and name != "transformer-tiny"))
+    pm = apply_lora(lm, LoraSettings(r=4, alpha=8, dropout=0.0, gates=gates and name != "transformer-tiny"), fused)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
@@ -51,9 +52,9 @@ def decode(model, tokens, B, prompt=20, steps=4):
         return torch.stack([model.step(tokens[:B, prompt + i], cache) for i in range(steps)])
 
 
-@pytest.mark.parametrize("name", ARCHS)
-def test_lora_logits_equal_merged_on_every_path(name):
-    base, lm, pm = adapted(name)
+@pytest.mark.parametrize("name,fused", [(a, True) for a in ARCHS] + [("griffin-tiny", False)])
+def test_lora_logits_equal_merged_on_every_path(name, fused):
+    base, lm, pm = adapted(name, fused=fused)
     merged = merge_lora(copy.deepcopy(pm)).eval()
     tokens = torch.randint(0, 256, (8, 700))
     # the adapters matter: without them the logits are far away
@@ -68,6 +69,7 @@ def test_lora_logits_equal_merged_on_every_path(name):
     if numba_common.available():
         ran = Counter(numba_common.FUSED_CALLS) - before
         assert ran["rms_norm"] > 0
+        assert (ran["lora_linear"] > 0) == fused
         if name != "transformer-tiny":  # the RG-LRU and its block-diagonal gates (LoRA on them too)
             assert ran["block_diagonal_linear"] > 0 and ran["rglru"] > 0, ran
     # every decoding path: the weight-streaming kernels, GEMMs + mix kernels, the references
@@ -84,6 +86,14 @@ def test_lora_logits_equal_merged_on_every_path(name):
             ref = decode(lm, tokens, B)
             assert decode_step.step_kernel_calls() == before
         assert torch.allclose(ref, fast, atol=2e-5, rtol=1e-5)
+
+
+def test_quantizing_an_adapted_model_is_refused():
+    from griffinlm.quantize import quantize_
+
+    _, lm, _ = adapted("hawk-tiny")
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        quantize_(lm, "int8")
 
 
 def test_decode_sees_adapter_updates_and_disabling():
@@ -276,6 +286,13 @@ def test_peft_adapter_loads_onto_the_exported_transformers_model(tmp_path):
     from interop_helpers import make_hf_model, save_hf_model
 
     src = save_hf_model(make_hf_model(vocab_size=300), tmp_path / "hf")  # room for the byte tokenizer
+    # `griffinlm finetune` starts from a RecurrentGemma directory as from any checkpoint
+    data = write_jsonl(tmp_path / "fruits.jsonl", 30)
+    assert finetune_cli("--checkpoint", src, "--data", data, "--out", tmp_path / "ft", "--steps", 2,
+                        "--batch-size", 4, "--seq-len", 64, "--answer-tokens", 0, "--lora", "r=4") == 0
+    assert json.load(open(tmp_path / "ft" / "adapter" / "adapter_config.json"))["target_modules"]
+    tuned, _ = load(str(tmp_path / "ft"))
+    assert tuned.config == load(src)[0].config
     ours, _ = load(src)
     pm = apply_lora(ours, LoraSettings(r=4, alpha=8, dropout=0.0, gates=True))
     with torch.no_grad():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers.adapters import is_adapter
 from .layers.linear import Linear
 from .ops.quantized import MODES, QuantizedWeight
 
@@ -51,6 +52,9 @@ def quantize_(model: nn.Module, mode: str, *, empty: bool = False) -> nn.Module:
     check_mode(mode)
     if quantization_of(model) is not None:
         raise ValueError(f"the model is already quantized ({quantization_of(model)}); quantize the float model once")
+    if any(is_adapter(m) for m in model.modules()):
+        raise ValueError("the model holds LoRA adapters: merge them into the weights first "
+                         "(griffinlm.finetune.lora.merge_lora, or load the fine-tuning run with griffinlm.load)")
     with torch.no_grad():
         for module in list(model.modules()):
             if isinstance(module, Linear):

@@ -111,12 +111,19 @@ class LoraSettings:
         leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         return tuple(t for t in DEFAULT_TARGETS if t in leaves)
 
-    def peft_config(self, model: nn.Module):
-        """The `peft.LoraConfig` of these settings for `model`."""
+    def peft_config(self, model: nn.Module, fused: bool = False):
+        """The `peft.LoraConfig` of these settings for `model`; `fused`: our linear layers get
+        `FusedLoraLinear` (peft's LoRA Linear with a fused forward) instead of peft's."""
         peft = _peft()
-        return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                               target_modules=list(self.resolved_targets(model)),
-                               target_parameters=list(GATE_TARGETS) if self.gates else None)
+        config = peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                                 target_modules=list(self.resolved_targets(model)),
+                                 target_parameters=list(GATE_TARGETS) if self.gates else None)
+        if fused:
+            from ..layers.linear import Linear
+            from .fused_lora import FusedLoraLinear
+
+            config._register_custom_module({Linear: FusedLoraLinear})
+        return config
 
 
 def check_targets(model: LanguageModel, settings: LoraSettings) -> None:
@@ -151,16 +158,18 @@ def check_targets(model: LanguageModel, settings: LoraSettings) -> None:
         raise ValueError("; ".join(problems))
 
 
-def apply_lora(model: LanguageModel, settings: LoraSettings):
+def apply_lora(model: LanguageModel, settings: LoraSettings, fused: bool = True):
     """`peft.get_peft_model(model, settings.peft_config(model))` after `check_targets`; the base
     parameters are frozen (only adapters train). The adapters' B factors start at zero (peft's
-    default), so the adapted model starts equal to `model`. Returns the PeftModel; `model` itself
-    is modified in place (its targeted layers are wrapped) and is the PeftModel's base model."""
+    default), so the adapted model starts equal to `model`. `fused`: the linear layers' adapters
+    run through `ops.lora_linear` (`FusedLoraLinear`; peft's own layer otherwise, as a plain
+    `get_peft_model` call gives). Returns the PeftModel; `model` itself is modified in place (its
+    targeted layers are wrapped) and is the PeftModel's base model."""
     check_targets(model, settings)
     peft = _peft()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        return peft.get_peft_model(model, settings.peft_config(model))
+        return peft.get_peft_model(model, settings.peft_config(model, fused=fused))
 
 
 def language_model(model: nn.Module) -> LanguageModel:

@@ -48,8 +48,8 @@ def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) 
     return torch.ops.mkldnn._linear_pointwise(a.contiguous(), w, bias, "none", [], "")
 
 
-def _forward_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) -> (M, N) on the chosen backend."""
+def forward_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) -> (M, N) on the backend measured fastest for the shape (fp32, no autograd)."""
     M, K = x.shape
     N = weight.shape[0]
 
@@ -68,8 +68,9 @@ def _forward_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _onednn(x, p if backend == "onednn_packed" else weight, bias)
 
 
-def _grad_input_fp32(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """g (M, N) @ W (N, K) -> (M, K)."""
+def grad_input_fp32(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """g (M, N) @ W (N, K) -> (M, K) on the backend measured fastest for the shape: the input
+    gradient of `linear` (fp32, no autograd); fused ops that differentiate a linear map call it."""
     M, N = g.shape
 
     def candidates():
@@ -109,7 +110,7 @@ class _Linear(torch.autograd.Function):
             y = _forward_bf16(xb, wb, bias)
         else:
             ctx.save_for_backward(x, weight)
-            y = _forward_fp32(x, weight, bias)
+            y = forward_fp32(x, weight, bias)
         ctx.mode, ctx.has_bias = mode, bias is not None
         return y
 
@@ -129,7 +130,7 @@ class _Linear(torch.autograd.Function):
         else:
             x, weight = ctx.saved_tensors
             g = g.contiguous()
-            dx = _grad_input_fp32(g, weight) if need_x else None
+            dx = grad_input_fp32(g, weight) if need_x else None
             dw = _grad_weight_fp32(g, x) if need_w else None
         if need_b and ctx.has_bias:
             db = g.sum(0, dtype=torch.float32)
@@ -160,7 +161,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     elif mode == "bf16":
         y = _forward_bf16(x2.to(torch.bfloat16), gb.bf16_copy(weight), bias)
     else:
-        y = _forward_fp32(x2, weight, bias)
+        y = forward_fp32(x2, weight, bias)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 

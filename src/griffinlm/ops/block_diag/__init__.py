@@ -66,22 +66,25 @@ class _BlockDiagonalLinear(torch.autograd.Function):
         dx = torch.zeros_like(flat) if all(g is None for g in gs) else flat.new_empty(flat.shape)
         dws, dbs = [], []
         first = True
-        for w, g, has_b in zip(weights, gs, ctx.has_bias):
+        n = len(weights)
+        for k, (w, g, has_b) in enumerate(zip(weights, gs, ctx.has_bias)):
             if g is None:
                 dws.append(None)
                 dbs.append(None)
                 continue
-            dw = torch.empty_like(w)
+            want_w = ctx.needs_input_grad[1 + k]  # a frozen gate (LoRA fine-tuning) forms no gradient
+            dw = torch.empty_like(w) if want_w else None
             for h in range(H):
                 cols = slice(h * bw, (h + 1) * bw)
                 if first:
                     torch.mm(g[:, cols], w[h].t(), out=dx[:, cols])
                 else:
                     dx[:, cols].addmm_(g[:, cols], w[h].t())
-                torch.mm(flat[:, cols].t(), g[:, cols], out=dw[h])
+                if want_w:
+                    torch.mm(flat[:, cols].t(), g[:, cols], out=dw[h])
             first = False
             dws.append(dw)
-            dbs.append(g.sum(0).view(H, bw) if has_b else None)
+            dbs.append(g.sum(0).view(H, bw) if has_b and ctx.needs_input_grad[1 + n + k] else None)
         return (dx.view(ctx.x_shape), *dws, *dbs)
 
 
