@@ -11,7 +11,8 @@
    interleaved; the ratio of step times.
 
 Prints ratios and absolute figures with the CPU (`torch.backends.cpu.get_cpu_capability()`).
-Usage: python benchmarks/finetune.py [--rounds 5] [--threads N] [--skip-hf] [--json out.json]
+Usage: python benchmarks/finetune.py [--rounds 5] [--batch-size 2] [--seq-len 1024] [--hf-batch-size 4]
+                                    [--hf-seq-len 256] [--threads N] [--skip-hf] [--skip-lora] [--json out.json]
 """
 from __future__ import annotations
 
@@ -143,6 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-lora", action="store_true", help="only the transformers comparison")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -150,12 +152,13 @@ def main(argv=None) -> int:
     cpu = f"{platform.processor() or platform.machine()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, " \
           f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"machine: {cpu}", flush=True)
-    res = {"machine": cpu, "lora_vs_full": lora_vs_full(args.rounds, args.batch_size, args.seq_len)}
-    r = res["lora_vs_full"]
-    print(f"Griffin width 512, depth 6, B={args.batch_size}, T={args.seq_len}: full {r['full_tokens_per_s']:.0f} "
-          f"tokens/s, LoRA {r['lora_tokens_per_s']:.0f} tokens/s -> LoRA {r['lora_over_full_speed']:.2f}x "
-          f"(median of per-round ratios); optimizer state {r['lora_optimizer_bytes'] / 2**20:.2f} MiB vs "
-          f"{r['full_optimizer_bytes'] / 2**20:.1f} MiB = {100 * r['optimizer_memory_ratio']:.2f}%", flush=True)
+    res = {"machine": cpu}
+    if not args.skip_lora:
+        res["lora_vs_full"] = r = lora_vs_full(args.rounds, args.batch_size, args.seq_len)
+        print(f"Griffin width 512, depth 6, B={args.batch_size}, T={args.seq_len}: full {r['full_tokens_per_s']:.0f} "
+              f"tokens/s, LoRA {r['lora_tokens_per_s']:.0f} tokens/s -> LoRA {r['lora_over_full_speed']:.2f}x "
+              f"(median of per-round ratios); optimizer state {r['lora_optimizer_bytes'] / 2**20:.2f} MiB vs "
+              f"{r['full_optimizer_bytes'] / 2**20:.1f} MiB = {100 * r['optimizer_memory_ratio']:.2f}%", flush=True)
     if not args.skip_hf:
         res["versus_transformers"] = v = versus_transformers(args.rounds, args.hf_batch_size, args.hf_seq_len)
         print(f"tiny RecurrentGemma {HF_TINY['hidden_size']}x{HF_TINY['num_hidden_layers']}, B={args.hf_batch_size}, "

@@ -1,17 +1,17 @@
 """`lora_linear`: a linear layer with one LoRA adapter, y = x W^T + b + scaling * (drop(x) A^T) B^T.
 
 peft computes the adapter as separate torch ops after the base layer: a dropout of x through
-torch's CPU `bernoulli_` (which alone took 17% of a width-512 Griffin's LoRA training step), then
-lora_A, lora_B, a multiply by `scaling` and an add, each a new (rows, out) tensor. Here the base
-product runs on `ops.linear` (the fastest GEMM backend, its weight gradient skipped when the
-weight is frozen), the dropout is a numba kernel with a counter-based mask that backward
-regenerates rather than stores, and the low-rank update is added into the base output in place
-(one `addmm_`).
+torch's CPU `bernoulli_` (a large share of a LoRA training step: BENCHMARKS.md, Fine-tuning), then
+lora_A, lora_B, a multiply by `scaling` and an add, each a new (rows, out) tensor, and autograd
+sums the base's and the adapter's input gradients in another pass. Here, for a frozen base layer
+(LoRA's case), the base product runs on the fastest GEMM backend (`ops.linear`), the dropout is a
+numba kernel with a counter-based mask, the low-rank update is added into the base output in
+place (one `addmm_`), and the backward is written out: no base weight gradient, the adapter's
+input gradient added into the base's in place through the same mask (regenerated from its
+seed), and only the dropped input and the (rows, r) product saved.
 
-Differentiated by hand: the base weight is frozen (its gradient is never formed), the adapter's
-input gradient is added into the base's in place, and nothing but the dropped input and the
-(rows, r) product is saved. The reference is `lora_linear_reference` (peft's composition, given the dropout's keep mask);
-`dropout_mask` returns the mask `lora_linear` draws for a seed, so the two can be compared.
+The reference is `lora_linear_reference` (peft's composition, given the dropout's keep mask);
+`dropout_mask` returns the mask `lora_linear` draws for a seed, so that the two can be compared.
 """
 from __future__ import annotations
 
