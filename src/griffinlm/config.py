@@ -79,6 +79,10 @@ class ModelConfig:
     lru_min_rad: float = 0.9
     lru_max_rad: float = 0.999
     lru_unscaled_reset: bool = False  # at a document start, skip the sqrt(1 - a^2) input scale
+    conv_init_std: float | None = None  # Conv1D weights ~ N(0, std^2); None: 1/sqrt(conv_width) (reference: 0.05)
+    # init variance of the output projections (o_proj, linear_out, down_proj) = this / (depth * fan_in)
+    # (the DeepMind reference: 2.0); docs/conventions.md has the measurement behind the default
+    output_init_variance: float = 0.5
     # embedding / head / norms
     embed_scale: str = "sqrt"  # multiply embeddings by sqrt(width) ("sqrt_bf16": rounded to bf16)
     logits_soft_cap: float | None = None  # cap * tanh(logits / cap) (RecurrentGemma: 30)
@@ -130,6 +134,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.lru_min_rad/lru_max_rad must satisfy 0 < min < max < 1, got {self.lru_min_rad}, {self.lru_max_rad}")
         if self.lru_c <= 0:
             raise ValueError(f"ModelConfig.lru_c must be positive, got {self.lru_c}")
+        if self.conv_init_std is not None and self.conv_init_std <= 0:
+            raise ValueError(f"ModelConfig.conv_init_std must be positive or None, got {self.conv_init_std}")
+        if self.output_init_variance <= 0:
+            raise ValueError(f"ModelConfig.output_init_variance must be positive, got {self.output_init_variance}")
         if self.resolved_lru_width % self.resolved_lru_blocks:
             raise ValueError(
                 f"ModelConfig.lru_width ({self.resolved_lru_width}) must be divisible by lru_num_blocks "

@@ -53,8 +53,8 @@ class LanguageModel(nn.Module, GenerationMixin):
 
     # --- initialisation ----------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """LeCun-normal linear layers, output projections scaled down by sqrt(2 * depth) so the
-        residual stream's variance stays O(1); embeddings N(0, 1/width) (x sqrt(width) on input).
+        """LeCun-normal linear layers, output projections with variance
+        `output_init_variance` / (depth * fan_in) so the residual stream's variance stays O(1); embeddings N(0, 1/width) (x sqrt(width) on input).
         With the tied output layer the untrained model predicts the current token back (initial
         loss well above log V); docs/conventions.md gives these choices, the reference's, and
         the measurements behind them."""
@@ -63,7 +63,7 @@ class LanguageModel(nn.Module, GenerationMixin):
             if isinstance(module, nn.Linear):
                 std = 1.0 / math.sqrt(module.in_features)
                 if name.endswith(("o_proj", "linear_out", "down_proj")):
-                    std /= math.sqrt(2 * depth)
+                    std *= math.sqrt(self.config.output_init_variance / depth)
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)

@@ -44,7 +44,7 @@ def _recurrent(cfg: ModelConfig) -> nn.Module:
         cfg.width, cfg.resolved_lru_width, cfg.resolved_lru_blocks, cfg.conv_width,
         bias=cfg.recurrent_bias, conv_bias=cfg.conv_bias, gelu_approximate=cfg.gelu_approximate,
         lru_c=cfg.lru_c, lru_init=cfg.lru_init, min_rad=cfg.lru_min_rad, max_rad=cfg.lru_max_rad,
-        unscaled_reset=cfg.lru_unscaled_reset,
+        unscaled_reset=cfg.lru_unscaled_reset, conv_init_std=cfg.conv_init_std,
     )
 
 

@@ -19,10 +19,11 @@ from .positions import Positions
 class Conv1D(nn.Module):
     """Depthwise causal convolution over time. Shapes: (B, T, C) -> (B, T, C)."""
 
-    def __init__(self, channels: int, width: int = 4, bias: bool = True) -> None:
+    def __init__(self, channels: int, width: int = 4, bias: bool = True, init_std: float | None = None) -> None:
         super().__init__()
         self.width = width
-        self.weight = nn.Parameter(torch.randn(width, channels) / math.sqrt(width))
+        # N(0, init_std^2), default 1 / sqrt(width): a unit-gain filter at init
+        self.weight = nn.Parameter(torch.randn(width, channels) * (init_std or 1.0 / math.sqrt(width)))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:

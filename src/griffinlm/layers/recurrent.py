@@ -47,12 +47,12 @@ class RecurrentBlock(nn.Module):
     def __init__(self, width: int, lru_width: int, num_blocks: int, conv_width: int = 4,
                  bias: bool = True, conv_bias: bool = True, gelu_approximate: str = "tanh",
                  lru_c: float = 8.0, lru_init: str = "paper", min_rad: float = 0.9,
-                 max_rad: float = 0.999, unscaled_reset: bool = False) -> None:
+                 max_rad: float = 0.999, unscaled_reset: bool = False, conv_init_std: float | None = None) -> None:
         super().__init__()
         self.lru_width, self.conv_width, self.gelu_approximate = lru_width, conv_width, gelu_approximate
         self.linear_y = Linear(width, lru_width, bias=bias)
         self.linear_x = Linear(width, lru_width, bias=bias)
-        self.conv1d = Conv1D(lru_width, conv_width, bias=conv_bias)
+        self.conv1d = Conv1D(lru_width, conv_width, bias=conv_bias, init_std=conv_init_std)
         self.rg_lru = RGLRU(lru_width, num_blocks, lru_c, lru_init, min_rad, max_rad, unscaled_reset)
         self.linear_out = Linear(lru_width, width, bias=bias)
         self.step_args, self.step_views = StepArgs(), KernelViews()  # memos of the step's arguments
