@@ -39,12 +39,10 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the examples held out")
     p.add_argument("--answer-tokens", type=int, default=64,
                    help="greedy answers of at most this many tokens scored on the held-out examples (0: skip)")
-    add_settings_flags(p, TrainConfig, skip=("tokenizer", "text_field", "sample_prompt", "grad_checkpointing"),
+    p.add_argument("--data", required=True, help="JSONL file of examples")
+    add_settings_flags(p, TrainConfig, skip=("data", "tokenizer", "text_field", "sample_prompt", "grad_checkpointing"),
                        flag_names={"sample_temperature": "temperature"})
     p.set_defaults(func=run_finetune, **DEFAULTS)
-    for action in p._actions:  # --data is the JSONL file here
-        if action.dest == "data":
-            action.required, action.default, action.help = True, None, "JSONL file of examples"
     p.add_argument("--out", default=None, help="run directory; unset: runs/finetune")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch; unset: torch's choice")

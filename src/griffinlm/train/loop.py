@@ -163,7 +163,8 @@ class Trainer:
         with open(os.path.join(out_dir, "run.json") if self.is_main else os.devnull, "w") as f:
             json.dump({"model_config": self.model.config.to_dict(), "train_config": config.to_dict(),
                        "data": self.data.description, "device": str(self.device),
-                       "params_non_embedding": self.model.param_count()}, f, indent=1)
+                       "params_non_embedding": self.model.param_count(),
+                       **({"job": job.record} if job is not None else {})}, f, indent=1)
 
     def _find_resume_checkpoint(self):
         """Newest checkpoint that verifies; a damaged one is reported and the one before it used."""
