@@ -17,7 +17,7 @@ from griffinlm.ops import decode_step, numba_common
 pytest.importorskip("peft")
 
 from griffinlm.finetune.data import InstructionRows, parse_example  # noqa: E402
-from griffinlm.finetune.lora import LoraSettings, apply_lora, merge_lora, save_adapter  # noqa: E402
+from griffinlm.finetune.lora import LoraSettings, apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
 from griffinlm.inference.chat import ChatFormat  # noqa: E402
 
 SMALL = dict(width=64, depth=3, num_heads=4, local_window=8, vocab_size=300)
@@ -262,9 +262,14 @@ def test_cli_merge_and_full_finetune(base_run, tmp_path, capsys):
         "gate_r_weight", "gate_i_weight"]
     merged, _ = load(str(out / "merged"))
     lora, _ = load(str(out))
+    fresh, _ = load(base_run)
+    load_adapter(fresh, str(out / "adapter"))  # the peft-format files alone, on the base
     probe = torch.randint(0, 256, (2, 30))
     with torch.no_grad():
         assert torch.allclose(merged(probe), lora(probe), atol=2e-5)
+        assert torch.allclose(fresh.eval()(probe), lora(probe), atol=2e-5)
+    with pytest.raises(ValueError, match="not a readable peft adapter"):
+        load_adapter(load(base_run)[0], str(tmp_path))
     full = tmp_path / "full"
     assert finetune_cli("--checkpoint", base_run, "--data", data, "--out", full, "--steps", 2, "--batch-size", 4,
                         "--seq-len", 64, "--full", "--answer-tokens", 0) == 0
@@ -310,3 +315,8 @@ def test_peft_adapter_loads_onto_the_exported_transformers_model(tmp_path):
         plain = RecurrentGemmaForCausalLM.from_pretrained(str(tmp_path / "exported")).eval()(tokens).logits
     assert (theirs - plain).abs().max() > 1e-2  # the adapters were loaded and act
     assert torch.allclose(mine, theirs, atol=1e-4), (mine - theirs).abs().max()
+    # and back: the RecurrentGemma-named adapter loads onto a fresh griffinlm model
+    again, _ = load(src)
+    load_adapter(again, adapter)
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(tokens), mine, atol=1e-5)

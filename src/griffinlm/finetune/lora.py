@@ -247,6 +247,20 @@ def _hf_gate_nesting(wrapper: nn.Module, rest: str) -> str:
     return "base_layer." * hf_chain.index(chain[depth]) + rest
 
 
+def _our_gate_nesting(wrapper: nn.Module, rest: str) -> str:
+    """The inverse of `_hf_gate_nesting`: a RecurrentGemma gate adapter's key suffix, re-nested as
+    the wrappers on our RG-LRU are."""
+    depth = 0
+    while rest.startswith("base_layer."):
+        rest, depth = rest[len("base_layer."):], depth + 1
+    chain = []  # ours, outermost first
+    while is_adapter(wrapper):
+        chain.append(_HF_GATE_NAMES[wrapper.parameter_name])
+        wrapper = wrapper.base_layer
+    hf_chain = [n for n in ("recurrent_gate_weight", "input_gate_weight") if n in chain]
+    return "base_layer." * chain.index(hf_chain[depth]) + rest
+
+
 def save_adapter(model: nn.Module, out_dir: str, *, hf_names: bool | None = None,
                  base_name: str | None = None) -> str:
     """Writes the adapters of a PeftModel in peft's format to `out_dir`; with `hf_names` (default:
@@ -285,10 +299,6 @@ def save_adapter(model: nn.Module, out_dir: str, *, hf_names: bool | None = None
     return out_dir
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
 def describe(model: nn.Module) -> str:
     """'N adapter parameters (x% of M) in K layers' for logs."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -299,6 +309,51 @@ def describe(model: nn.Module) -> str:
             f"in {layers} wrapped layers ({', '.join(kinds)})")
 
 
-def read_adapter_config(adapter_dir: str) -> dict:
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        return json.load(f)
+def _our_module_path(hf: str) -> str:
+    """RecurrentGemma's module path -> ours (the inverse of `_hf_module_path`)."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(temporal_block|mlp_block)\.([a-z_]+)", hf)
+    if m is None:
+        raise ValueError(f"no griffinlm module for RecurrentGemma module {hf!r}")
+    return f"blocks.{m.group(1)}.{'temporal' if m.group(2) == 'temporal_block' else 'mlp'}.{m.group(3)}"
+
+
+def load_adapter(model: LanguageModel, adapter_dir: str):
+    """Applies the peft-format adapter in `adapter_dir` (ours, or one trained with transformers +
+    peft on a RecurrentGemma: its module names are mapped back) to `model`; returns the PeftModel.
+    ValueError for an adapter that does not fit (names or shapes, named)."""
+    from safetensors.torch import load_file
+
+    peft = _peft()
+    try:
+        with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+            cfg = json.load(f)
+        tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{adapter_dir} is not a readable peft adapter: {e}") from None
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{adapter_dir}: only LoRA adapters load here, got peft_type {cfg.get('peft_type')!r}")
+    hf_named = any(k.startswith(_PEFT_PREFIX + "model.layers.") for k in tensors)
+    gates = [{v: k for k, v in _HF_GATE_NAMES.items()}.get(p, p) for p in cfg.get("target_parameters") or []]
+    targets = cfg.get("target_modules") or []
+    settings = LoraSettings(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0)),
+                            targets=tuple(sorted(targets)) if isinstance(targets, list) else None, gates=bool(gates))
+    if cfg.get("use_rslora") or cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{adapter_dir}: rsLoRA, DoRA and per-layer ranks are not supported here")
+    peft_model = apply_lora(model, settings)
+    if hf_named:
+        renamed = {}
+        for key, t in tensors.items():
+            m = re.match(r"(model\.layers\.\d+\.(?:temporal_block|mlp_block)\.[a-z_]+)\.(.*)", key[len(_PEFT_PREFIX):])
+            if m is None:
+                raise ValueError(f"{adapter_dir}: no griffinlm module for adapter tensor {key!r}")
+            ours, rest = _our_module_path(m.group(1)), m.group(2)
+            if ours.endswith(".rg_lru"):
+                rest = _our_gate_nesting(model.get_submodule(ours), rest)
+            renamed[_PEFT_PREFIX + ours + "." + rest] = t
+        tensors = renamed
+    result = peft.set_peft_model_state_dict(peft_model, tensors)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"{adapter_dir} does not fit the model: unexpected {result.unexpected_keys[:4]}, "
+                         f"missing {missing[:4]}")
+    return peft_model
