@@ -49,6 +49,14 @@ def _number(cell: str) -> float:
     return float(cell.replace(",", "").replace("%", ""))
 
 
+def _numbers(cell: str) -> list[float]:
+    """A cell's numbers: one, or "mean [lo, hi]" (an interval)."""
+    if "[" in cell:
+        mean, rest = cell.split("[", 1)
+        return [_number(mean)] + [_number(x) for x in rest.rstrip("]").split(", ")]
+    return [_number(cell.split(",")[0] if ", " in cell else cell)]
+
+
 def check_report(out: str, name: str) -> list[list[list[str]]]:
     """The report exists with its plot; every table is rectangular and its numeric cells finite."""
     md = os.path.join(out, f"{name}.md")
@@ -68,7 +76,7 @@ def check_report(out: str, name: str) -> list[list[list[str]]]:
                     continue
                 if cell in ("yes", "no", "gated", "ungated") or any(c.isalpha() and c != "e" for c in cell):
                     continue
-                assert math.isfinite(_number(cell.split(",")[0] if ", " in cell else cell)), f"{name}: {head}={cell}"
+                assert all(map(math.isfinite, _numbers(cell))), f"{name}: {head}={cell}"
     data = json.load(open(os.path.join(out, f"{name}.json")))
     assert data
     return tables
@@ -84,7 +92,9 @@ def test_study_micro_end_to_end(name, corpus, tmp_path, capsys):
     tables = check_report(out, name)
     if name == "extrapolation":
         assert [r[0] for r in tables[0][1:]] == ["Transformer (MQA, global)", "Hawk", "Griffin"]
-        assert tables[0][0][2:] == ["[0, 16)", "[16, 32)", "[32, 64)"]  # up to 4x T_train on micro
+        # the paired difference past T_train, up to 4x T_train on micro, with its verdict
+        assert tables[0][0][2:] == ["[16, 32)", "[32, 64)", "all positions >= 16", "verdict (last bucket)"]
+        assert all(r[-1] in ("agrees", "disagrees", "unresolved") for r in tables[0][1:])
     if name == "copy-retrieval":
         assert len(tables) == 6  # per task: accuracy vs step and vs test length
     if name == "glu-variants":

@@ -1,9 +1,14 @@
-"""Study 1, length extrapolation: train at T_train, evaluate bits per byte by position up to
-16 x T_train on held-out documents, for the Transformer (global attention with RoPE), Hawk and Griffin.
+"""Study 1, length extrapolation: train at T_train, then score the same held-out tokens of windows
+up to 16 x T_train long twice within each model: with the full context (the whole window before the
+token) and with the context truncated to the training length (sliding-window scoring: at most the
+last T_train tokens). The paired difference, truncated minus full in bits per byte, per position
+bucket, isolates what the context beyond T_train does to the model (positive: the longer context
+helps; negative: it hurts), free of the content differences between positions. It is averaged over
+the windows per model, and its 95% Student-t interval taken over the training seeds (`intervals`).
 
 The paper's claim (De et al. 2024, Section 6): Hawk and Griffin extrapolate to sequences much longer
-than they were trained on, the Transformer does not. Each evaluation window goes through the model
-in chunks of T_train via the cache (`model(chunk, cache=cache)`), so memory stays bounded.
+than they were trained on, the Transformer does not. Full-context scoring goes through the model in
+chunks of T_train via the cache (`model(chunk, cache=cache)`), so memory stays bounded.
 """
 from __future__ import annotations
 
@@ -17,9 +22,9 @@ import torch
 from ..data import TokenSplit, load_tokenizer, open_corpus
 from ..train.data import open_run_data
 from .archs import ARCH_LABELS, ARCHS, matched_archs
-from .intervals import one_run_verdict
+from .intervals import Interval, mean_interval, noninferiority_verdict, verdict
 from .report import md_table, pyplot, write_report
-from .scoring import chunked_token_nats
+from .scoring import chunked_token_nats, truncated_context_nats
 from .study import StudyContext, resolve_settings, settings_dict
 from .training import run_key, study_settings, train_model
 
@@ -29,9 +34,14 @@ NAME = "extrapolation"
 
 @dataclass(frozen=True)
 class ExtrapolationSettings:
-    """train_len: T_train; max_factor: longest evaluation length in units of T_train;
+    """train_len: T_train (tokens); max_factor: longest evaluation length in units of T_train;
     eval_windows: held-out windows of max_factor * T_train tokens; chunk: tokens per cached forward
-    (0: T_train); plot_bin: positions per point of the plot (0: T_train / 4)."""
+    (0: T_train); trunc_stride: positions scored per truncated-context forward, so a truncated
+    context holds T_train - trunc_stride + 1 to T_train tokens (0: T_train / 8); plot_bin: positions
+    per point of the plot (0: T_train / 4); seeds: training seeds (initialisation and data order);
+    margin: bits per byte by which the full context may be worse than the truncated one and still
+    count as "no worse" (the recurrent models' claim; the Transformer's "degrades" needs the whole
+    interval below -margin)."""
 
     archs: tuple[str, ...] = ARCHS
     width: int = 128
@@ -42,17 +52,19 @@ class ExtrapolationSettings:
     batch_size: int = 8
     steps: int = 300
     lr: float = 3e-3
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
     max_factor: int = 16
     eval_windows: int = 12
     chunk: int = 0
+    trunc_stride: int = 0
     plot_bin: int = 0
+    margin: float = 0.01
     data: str = "stdlib"
 
 
 BUDGETS = {
     "micro": ExtrapolationSettings(width=32, depth=3, num_heads=2, local_window=8, train_len=16, batch_size=4,
-                                   steps=4, max_factor=4, eval_windows=2),
+                                   steps=4, max_factor=4, eval_windows=2, seeds=(0, 1)),
     "small": ExtrapolationSettings(),
     "medium": ExtrapolationSettings(width=256, depth=6, num_heads=4, steps=2000, batch_size=16),
     "large": ExtrapolationSettings(width=512, depth=12, num_heads=4, local_window=512, train_len=1024,
@@ -88,18 +100,29 @@ def bucket_edges(train_len: int, max_factor: int) -> list[int]:
     return edges
 
 
-def _evaluate(model, windows: np.ndarray, chunk: int, bytes_per_token: float, edges: list[int],
-              plot_bin: int) -> dict[str, Any]:
-    nats = []
+def _evaluate(model, windows: np.ndarray, chunk: int, stride: int, train_len: int, bytes_per_token: float,
+              edges: list[int], plot_bin: int) -> dict[str, Any]:
+    """Full- and truncated-context bits per byte of the same tokens, per bucket and plot bin (means
+    over windows and positions), and their difference (truncated minus full) per window and bucket."""
+    full, trunc = [], []
     for w in windows:  # one window at a time: the global cache is max_factor * T_train long
-        nats.append(chunked_token_nats(model, torch.from_numpy(w[None]), chunk)[0].cpu().numpy())
-    nats = np.stack(nats)  # (N, L): nats[:, t] scores the token at position t + 1 given t + 1 tokens
+        x = torch.from_numpy(w[None])
+        f = chunked_token_nats(model, x, chunk)
+        full.append(f[0].cpu().numpy())
+        trunc.append(truncated_context_nats(model, x, train_len, stride, full=f)[0].cpu().numpy())
     to_bpb = 1.0 / LN2 / bytes_per_token
-    buckets = [float(nats[:, a:b].mean() * to_bpb) for a, b in zip(edges[:-1], edges[1:])]
-    cumulative = [float(nats[:, :b].mean() * to_bpb) for b in edges[1:]]
-    L = nats.shape[1]
-    bins = [float(nats[:, s:s + plot_bin].mean() * to_bpb) for s in range(0, L, plot_bin)]
-    return {"bucket_bpb": buckets, "cumulative_bpb": cumulative, "bin_bpb": bins, "windows": len(windows)}
+    full_b, trunc_b = np.stack(full) * to_bpb, np.stack(trunc) * to_bpb  # (N, L): index t scores token t + 1
+    diff = trunc_b - full_b
+    L = diff.shape[1]
+
+    def buckets(a: np.ndarray) -> list[float]:
+        return [float(a[:, lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])]
+    return {"full_bucket_bpb": buckets(full_b), "trunc_bucket_bpb": buckets(trunc_b), "diff_bucket_bpb": buckets(diff),
+            "diff_beyond_bpb": float(diff[:, train_len:].mean()),
+            "diff_window_bucket_bpb": [[float(d[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])] for d in diff],
+            "full_bin_bpb": [float(full_b[:, p:p + plot_bin].mean()) for p in range(0, L, plot_bin)],
+            "diff_bin_bpb": [float(diff[:, p:p + plot_bin].mean()) for p in range(0, L, plot_bin)],
+            "windows": len(windows)}
 
 
 def run_extrapolation(ctx: StudyContext, budget: str = "small", overrides: dict[str, Any] | None = None) -> dict:
@@ -108,6 +131,7 @@ def run_extrapolation(ctx: StudyContext, budget: str = "small", overrides: dict[
     T = s.train_len
     max_len = s.max_factor * T
     chunk = s.chunk or T
+    stride = s.trunc_stride or max(1, T // 8)
     plot_bin = s.plot_bin or max(1, T // 4)
     edges = bucket_edges(T, s.max_factor)
     tok = load_tokenizer("byte")
@@ -115,61 +139,117 @@ def run_extrapolation(ctx: StudyContext, budget: str = "small", overrides: dict[
     windows = long_windows(corpus.val, max_len, s.eval_windows)
     ctx.log(f"{NAME}: {len(windows)} held-out windows of {max_len} tokens; T_train {T}")
     configs = matched_archs(s.archs, s.width, s.depth, s.num_heads, s.local_window)
-    spec = study_settings(s.steps, s.batch_size, s.lr, s.seed)
-    results: dict[str, dict] = {}
-    for arch in s.archs:
-        cfg = configs[arch]
-        key = {"study": NAME, "arch": arch, "model": cfg.to_dict(), "train": run_key(spec), "data": s.data,
-               "train_len": T, "eval": {"max_len": max_len, "windows": s.eval_windows, "chunk": chunk,
-                                        "edges": edges, "plot_bin": plot_bin}}
+    results: dict[str, list[dict]] = {a: [] for a in s.archs}
+    for seed in s.seeds:
+        spec = study_settings(s.steps, s.batch_size, s.lr, seed)
+        for arch in s.archs:
+            cfg = configs[arch]
+            key = {"study": NAME, "arch": arch, "model": cfg.to_dict(), "train": run_key(spec), "data": s.data,
+                   "train_len": T, "eval": {"max_len": max_len, "windows": s.eval_windows, "chunk": chunk,
+                                            "edges": edges, "plot_bin": plot_bin, "trunc_stride": stride}}
 
-        def compute(cfg=cfg, arch=arch) -> dict:
-            ctx.log(f"{NAME}: training {arch} ({s.steps} steps of {s.batch_size} x {T} tokens)")
-            data = open_run_data(s.data, "byte", "text", T, s.batch_size, s.seed, verbose=False)
-            model, info = train_model(cfg, data.sampler.next_batch, spec, ctx.device, log=ctx.log)
-            ctx.log(f"{NAME}: evaluating {arch} at {max_len} tokens in chunks of {chunk}")
-            ev = _evaluate(model, windows, chunk, corpus.val.bytes_per_text_token, edges, plot_bin)
-            return {"params": info["params"], "train_seconds": info["train_seconds"],
-                    "train_loss": info["train_loss"], **ev}
-        results[arch] = ctx.cache.run(f"{NAME}-{arch}", key, compute)
-    return _write(ctx, s, results, edges, plot_bin, len(windows))
+            def compute(cfg=cfg, arch=arch, spec=spec) -> dict:
+                ctx.log(f"{NAME}: training {arch} seed {spec.seed} ({s.steps} steps of {s.batch_size} x {T} tokens)")
+                data = open_run_data(s.data, "byte", "text", T, s.batch_size, spec.seed, verbose=False)
+                model, info = train_model(cfg, data.sampler.next_batch, spec, ctx.device, log=ctx.log)
+                ctx.log(f"{NAME}: scoring {arch} at {max_len} tokens, full and truncated to {T}")
+                ev = _evaluate(model, windows, chunk, stride, T, corpus.val.bytes_per_text_token, edges, plot_bin)
+                return {"params": info["params"], "train_seconds": info["train_seconds"],
+                        "train_loss": info["train_loss"], **ev}
+            results[arch].append(ctx.cache.run(f"{NAME}-{arch}-seed{seed}", key, compute))
+    return _write(ctx, s, results, edges, plot_bin, stride, len(windows))
 
 
-def _write(ctx: StudyContext, s: ExtrapolationSettings, results: dict[str, dict], edges: list[int],
-           plot_bin: int, n_windows: int) -> dict:
+def _extrapolates(arch: str) -> bool:
+    """The paper's claim: Hawk and Griffin extrapolate (the context beyond T_train does not hurt),
+    the Transformer does not (it hurts)."""
+    return arch != "transformer"
+
+
+def extrapolation_verdict(arch: str, diff: Interval, margin: float) -> str:
+    """The verdict on the paper's claim from the interval of truncated minus full-context bits per
+    byte: for Hawk and Griffin "no worse with the full context" (the interval above -margin); for
+    the Transformer "worse with the full context" (the interval below -margin)."""
+    call = noninferiority_verdict(diff, margin)
+    if _extrapolates(arch):
+        return call
+    return {"agrees": "disagrees", "disagrees": "agrees"}.get(call, call)
+
+
+def _iv(iv: Interval, digits: int = 3) -> str:
+    return f"{iv.mean:+.{digits}f} [{iv.lo:+.{digits}f}, {iv.hi:+.{digits}f}]"
+
+
+def _write(ctx: StudyContext, s: ExtrapolationSettings, results: dict[str, list[dict]], edges: list[int],
+           plot_bin: int, stride: int, n_windows: int) -> dict:
     T = s.train_len
-    bucket_names = [f"[{a}, {b})" for a, b in zip(edges[:-1], edges[1:])]
-    rows = [[ARCH_LABELS[a], results[a]["params"], *results[a]["bucket_bpb"]] for a in s.archs]
-    table1 = md_table(["model", "params", *bucket_names], rows)
-    lengths = [f"{b // T}x ({b})" for b in edges[1:]]
-    rows2 = [[ARCH_LABELS[a], *results[a]["cumulative_bpb"]] for a in s.archs]
-    table2 = md_table(["model", *lengths], rows2)
+    names = [f"[{a}, {b})" for a, b in zip(edges[:-1], edges[1:])]
+    beyond = list(range(1, len(names)))  # buckets past T_train (the first one is identical by construction)
+    diffs = {a: [mean_interval([r["diff_bucket_bpb"][k] for r in results[a]]) for k in range(len(names))]
+             for a in s.archs}
+    pooled = {a: mean_interval([r["diff_beyond_bpb"] for r in results[a]]) for a in s.archs}
+    rows = [[ARCH_LABELS[a], results[a][0]["params"], *[_iv(diffs[a][k]) for k in beyond], _iv(pooled[a]),
+             extrapolation_verdict(a, diffs[a][-1], s.margin)] for a in s.archs]
+    t1 = md_table(["model", "params", *names[1:], f"all positions >= {T}", "verdict (last bucket)"], rows)
+    per_seed = [[ARCH_LABELS[a], seed, *[r["diff_bucket_bpb"][k] for k in beyond], r["diff_beyond_bpb"],
+                 r["train_loss"]] for a in s.archs for seed, r in zip(s.seeds, results[a])]
+    t2 = md_table(["model", "seed", *names[1:], f">= {T}", "train loss (nats/token)"], per_seed, digits=4)
+    full = [[ARCH_LABELS[a], *[mean_interval([r["full_bucket_bpb"][k] for r in results[a]]).mean
+                               for k in range(len(names))],
+             *[mean_interval([r["trunc_bucket_bpb"][k] for r in results[a]]).mean for k in beyond]]
+            for a in s.archs]
+    t3 = md_table(["model", *[f"full {n}" for n in names], *[f"truncated {names[k]}" for k in beyond]], full)
     plot_ok = _plot(ctx.out, s, results, plot_bin)
-    verdicts = _verdicts(s, results)
-    intro = (f"Bits per byte on {n_windows} held-out windows of {edges[-1]:,} tokens ({s.max_factor}x the "
-             f"training length T_train = {T}), by position within the window. Models: width {s.width}, depth "
-             f"{s.depth}, {s.num_heads} heads, Griffin local window {s.local_window}, parameters matched "
-             f"through the MLP width; trained {s.steps} steps of {s.batch_size} x {T} tokens of `{s.data}` "
-             f"(seed {s.seed}). Evaluation runs through the cache in chunks of {s.chunk or T} tokens.")
-    sections = [f"## Bits per byte by position bucket (tokens)\n\n{table1}",
-                f"## Mean bits per byte over the first L tokens (evaluation length L)\n\n{table2}"]
-    data = {"settings": settings_dict(s), "edges": edges, "results": results}
-    write_report(ctx.out, NAME, "Length extrapolation", ctx.command, intro, sections, verdicts, data, plot_ok)
+    intro = (f"The same held-out tokens scored twice within each model: with the full context (every token of the "
+             f"window before it) and with the context truncated to the training length T_train = {T} "
+             f"(sliding-window scoring: each block of {stride} positions is scored by a fresh forward over the "
+             f"{T} tokens ending at the block, so a token sees {T - stride + 1} to {T} tokens). Positions below "
+             f"T_train see the same context both ways, so their difference is 0 by construction. Windows: "
+             f"{n_windows} held-out windows of {edges[-1]:,} tokens ({s.max_factor}x T_train), the same for every "
+             f"model. Models: width {s.width}, depth {s.depth}, {s.num_heads} heads, Griffin local window "
+             f"{s.local_window}, parameters matched through the MLP width; trained {s.steps} steps of "
+             f"{s.batch_size} x {T} tokens of `{s.data}` for each seed of {list(s.seeds)}. The measure is truncated "
+             f"minus full-context bits per byte (positive: the context beyond T_train helps; negative: it hurts), "
+             f"averaged over the windows per model; intervals are 95% Student-t over the {len(s.seeds)} seeds "
+             f"(n - 1 degrees of freedom). The baseline of no effect is 0. Verdicts: a model \"extrapolates\" (the "
+             f"paper's claim for Hawk and Griffin) when the whole interval lies above -{s.margin} bits/byte (the full "
+             f"context no worse than the truncated one, within that margin), and \"degrades\" (its claim for the "
+             f"Transformer) when the whole interval lies below -{s.margin}; otherwise unresolved.")
+    sections = [f"## Truncated minus full-context bits per byte by position bucket (tokens), 95% intervals\n\n{t1}",
+                f"## Per seed (bits per byte)\n\n{t2}",
+                "## Bits per byte by position bucket, mean over seeds (confounded)\n\nThese absolute values "
+                "compare different tokens at different positions (every window starts at a document's start), so "
+                "position is confounded with content; only the paired difference above is a measurement of "
+                f"extrapolation.\n\n{t3}"]
+    summary = {a: {"bucket_diff": [[iv.mean, iv.lo, iv.hi] for iv in diffs[a]],
+                   "beyond_diff": [pooled[a].mean, pooled[a].lo, pooled[a].hi],
+                   "verdict": extrapolation_verdict(a, diffs[a][-1], s.margin),
+                   "full_better": verdict(diffs[a][-1])} for a in s.archs}
+    data = {"settings": settings_dict(s), "edges": edges, "trunc_stride": stride, "summary": summary,
+            "results": results}
+    write_report(ctx.out, NAME, "Length extrapolation", ctx.command, intro, sections,
+                 _verdicts(s, diffs, pooled, names), data, plot_ok)
     return data
 
 
-def _verdicts(s: ExtrapolationSettings, results: dict[str, dict]) -> list[str]:
+def _verdicts(s: ExtrapolationSettings, diffs: dict[str, list[Interval]], pooled: dict[str, Interval],
+              names: list[str]) -> list[str]:
     out = []
-    far = f"[{s.max_factor // 2 * s.train_len}, {s.max_factor * s.train_len})" if s.max_factor >= 2 else "last bucket"
     for a in s.archs:
-        b = results[a]["bucket_bpb"]
-        change = (b[-1] - b[0]) / b[0] * 100
-        holds = change <= 2.0
-        paper = "does not extrapolate" if a == "transformer" else "extrapolates"
-        agree = holds == (a != "transformer")
-        out.append(f"{ARCH_LABELS[a]}: bits/byte {b[0]:.3f} within T_train, {b[-1]:.3f} at positions {far} "
-                   f"({change:+.1f}%): it {'extrapolates' if holds else 'degrades'} beyond its training "
-                   f"length. The paper says it {paper}: {one_run_verdict(agree)}.")
+        far = diffs[a][-1]
+        if _extrapolates(a):
+            paper = (f"extrapolates: the context beyond T_train does not hurt (tested as: the interval lies above "
+                     f"-{s.margin} bits/byte)")
+            strict = {"agrees": "the full context is better", "disagrees": "the full context is worse",
+                      "unresolved": "the sign of the difference is unresolved"}[verdict(far)]
+            extra = f"; strictly, {strict} (interval vs 0)"
+        else:
+            paper = (f"does not extrapolate: the context beyond T_train hurts (tested as: the interval lies below "
+                     f"-{s.margin} bits/byte)")
+            extra = ""
+        out.append(f"{ARCH_LABELS[a]}: truncated minus full context at positions {names[-1]} {_iv(far)} bits/byte "
+                   f"(all positions beyond T_train: {_iv(pooled[a])}){extra}. The paper says it {paper}: "
+                   f"**{extrapolation_verdict(a, far, s.margin)}**.")
     return out
 
 
@@ -185,20 +265,34 @@ def _log_groups(bins: list[float], width: int, per_octave: int = 4) -> tuple[lis
     return x, y
 
 
-def _plot(out: str, s: ExtrapolationSettings, results: dict[str, dict], plot_bin: int) -> bool:
+def _plot(out: str, s: ExtrapolationSettings, results: dict[str, list[dict]], plot_bin: int) -> bool:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for a in s.archs:
-        x, y = _log_groups(results[a]["bin_bpb"], plot_bin)
-        ax.plot(x, y, marker=".", lw=1.2, label=f"{ARCH_LABELS[a]} ({results[a]['params']:,} params)")
-    ax.axvline(s.train_len, color="gray", ls="--", lw=1)
-    ax.text(s.train_len, ax.get_ylim()[0], " T_train", va="bottom", color="gray")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in the evaluation window (tokens)")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for k, a in enumerate(s.archs):
+        color = f"C{k}"
+        curves = [_log_groups(r["diff_bin_bpb"], plot_bin) for r in results[a]]
+        x = np.asarray(curves[0][0])
+        keep = x >= s.train_len  # below T_train the two scorings are identical
+        ivs = [mean_interval([c[1][i] for c in curves]) for i in range(len(x))]
+        mean = np.asarray([iv.mean for iv in ivs])
+        lo = np.asarray([iv.lo if math.isfinite(iv.lo) else iv.mean for iv in ivs])
+        hi = np.asarray([iv.hi if math.isfinite(iv.hi) else iv.mean for iv in ivs])
+        ax.plot(x[keep], mean[keep], marker=".", lw=1.2, color=color, label=ARCH_LABELS[a])
+        ax.fill_between(x[keep], lo[keep], hi[keep], color=color, alpha=0.2)
+        full = [_log_groups(r["full_bin_bpb"], plot_bin) for r in results[a]]
+        bx.plot(full[0][0], np.mean([f[1] for f in full], axis=0), marker=".", lw=1.0, color=color,
+                label=f"{ARCH_LABELS[a]} ({results[a][0]['params']:,} params)")
+    ax.axhline(0, color="gray", lw=1)
+    ax.set_title(f"Truncated (to {s.train_len}) minus full-context bits/byte, same tokens\n"
+                 f"mean over seeds {list(s.seeds)} with 95% t band; > 0: the long context helps")
     ax.set_ylabel("bits per byte")
-    ax.set_title(f"Length extrapolation: trained at {s.train_len}, evaluated to {s.max_factor * s.train_len}")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    bx.set_title("Full-context bits/byte by position, mean over seeds\n(confounded: different tokens at each position)")
+    for p in (ax, bx):
+        p.axvline(s.train_len, color="gray", ls="--", lw=1)
+        p.set_xscale("log", base=2)
+        p.set_xlabel("position in the evaluation window (tokens)")
+        p.grid(alpha=0.3)
+        p.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(f"{out}/{NAME}.png", dpi=120)
     plt.close(fig)

@@ -118,3 +118,16 @@ def verdict(interval: Interval, claim_positive: bool = True) -> str:
     if interval.hi < 0:
         return "disagrees" if claim_positive else "agrees"
     return "unresolved"
+
+
+def noninferiority_verdict(interval: Interval, margin: float) -> str:
+    """The verdict on "not worse by more than `margin`" for a difference where positive is better
+    (margin in the difference's units, >= 0): "agrees" if the whole interval lies above -margin,
+    "disagrees" if it lies wholly below -margin, else "unresolved"."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if interval.lo > -margin:
+        return "agrees"
+    if interval.hi < -margin:
+        return "disagrees"
+    return "unresolved"

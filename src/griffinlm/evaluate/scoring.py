@@ -38,6 +38,58 @@ def chunked_token_nats(model: LanguageModel, tokens: torch.Tensor, chunk: int, d
     return torch.cat(out, dim=1)
 
 
+def truncated_context_blocks(length: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """The forwards of `truncated_context_nats` for a sequence of `length` tokens: (first, stop,
+    start) per block of at most `stride` score indices [first, stop) (index t scores token t + 1),
+    the blocks tiling context .. length - 2, each scored by a forward of `context` input tokens
+    starting at token `start` = stop - context."""
+    if not 1 <= stride <= context:
+        raise ValueError(f"need 1 <= stride <= context, got stride {stride}, context {context}")
+    blocks = []
+    for first in range(context, length - 1, stride):
+        stop = min(first + stride, length - 1)
+        blocks.append((first, stop, stop - context))
+    return blocks
+
+
+def truncated_context_lengths(length: int, context: int, stride: int) -> list[int]:
+    """For each score index t in 0 .. length - 2: how many tokens `truncated_context_nats` conditions
+    token t + 1 on (t + 1 for t < context, else between context - stride + 1 and context)."""
+    out = [t + 1 for t in range(min(context, length - 1))]
+    for first, stop, start in truncated_context_blocks(length, context, stride):
+        out += [t - start + 1 for t in range(first, stop)]
+    return out
+
+
+@torch.no_grad()
+def truncated_context_nats(model: LanguageModel, tokens: torch.Tensor, context: int, stride: int,
+                           full: torch.Tensor | None = None, batch_size: int = 64,
+                           dtype: str = "auto") -> torch.Tensor:
+    """-log p(tokens[:, t+1] | at most the last `context` tokens up to t) in nats, (B, L-1) float32.
+
+    Sliding-window scoring: positions t < context already see at most `context` tokens, so they are
+    the full-context scores (`full`, from `chunked_token_nats(model, tokens, context)` when not
+    given). Beyond, each block of `stride` positions is scored by a fresh forward (a new document
+    at position 0, no cache) over the `context` tokens that end at the block's last position, so a
+    position sees between context - stride + 1 and `context` tokens (`truncated_context_lengths`;
+    stride 1: exactly `context`, at `stride` times the cost). The forwards of all rows and blocks go
+    through the model `batch_size` at a time."""
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    B, L = tokens.shape
+    if full is None:
+        full = chunked_token_nats(model, tokens, context, dtype)
+    out = full.clone()
+    rows = [(r, *block) for r in range(B) for block in truncated_context_blocks(L, context, stride)]
+    for i in range(0, len(rows), batch_size):
+        part = rows[i:i + batch_size]
+        windows = torch.stack([tokens[r, start:start + context + 1] for r, _, _, start in part])
+        nats = chunked_token_nats(model, windows, context, dtype)  # (n, context): j scores token start + j + 1
+        for k, (r, first, stop, start) in enumerate(part):
+            out[r, first:stop] = nats[k, first - start:stop - start]
+    return out
+
+
 # Largest (rows x positions x vocab) logits tensor one right-padded forward may produce; above it
 # (RecurrentGemma's 256k vocabulary at long contexts) the contexts go through `prefill_many`,
 # which keeps only their last position's logits.
