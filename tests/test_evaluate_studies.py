@@ -137,3 +137,99 @@ def test_multiple_choice_cli(tmp_path, capsys):
 def test_unknown_setting_is_a_clear_error(tmp_path, capsys):
     assert main(["study", "scaling", "--budget", "micro", "--out", str(tmp_path), "--set", "widht=3"]) == 2
     assert "unknown setting" in capsys.readouterr().err
+
+
+def _until_solved(tmp_path, **overrides):
+    """The copy-retrieval study in its train-until-solved mode on micro sizes (induction heads only)."""
+    from griffinlm.evaluate.copy_retrieval import run_copy_retrieval
+    ctx = StudyContext(str(tmp_path), command="griffinlm study copy-retrieval --budget micro", quiet=True)
+    settings = {"tasks": ["induction_heads"], "round_steps": 2, "max_steps": 6, "match_params": False,
+                "warmup_steps": 2, **overrides}
+    return ctx, run_copy_retrieval(ctx, "micro", settings)
+
+
+def test_copy_retrieval_until_solved_stops_at_target_or_cap(tmp_path):
+    """Every architecture stops after the first round that reaches the target, else at the step cap;
+    each round is cached, and raising the cap resumes from the cached rounds."""
+    ctx, data = _until_solved(tmp_path / "solved", target_accuracy=0.0)
+    res = data["results"]["induction_heads"]
+    assert all(r["stopped"] == "solved" and r["steps"] == 2 and len(r["history"]) == 1 for r in res.values())
+    check_report(str(tmp_path / "solved"), "copy-retrieval")
+
+    out = tmp_path / "cap"
+    ctx, data = _until_solved(out, target_accuracy=1.01)
+    res = data["results"]["induction_heads"]
+    assert all(r["stopped"] == "cap" and [h["step"] for h in r["history"]] == [2, 4, 6] for r in res.values())
+    assert all(len(r["by_length"]) == 2 for r in res.values())  # tested at 1x and 2x after training
+    text = open(out / "copy-retrieval.md").read()
+    assert "precondition is not met" in text and "**unresolved**" in text and "chance" in text
+    assert ctx.cache.misses == 3 * (3 + 1)  # three rounds and the tests per architecture
+    # only the last round's state is kept; a higher cap trains one more round from it
+    assert len([f for f in os.listdir(out / "runs") if f.endswith(".pt")]) == 3
+    ctx, data = _until_solved(out, target_accuracy=1.01, max_steps=8)
+    assert (ctx.cache.hits, ctx.cache.misses) == (3 * 3, 3 * 2)
+    assert all(r["steps"] == 8 for r in data["results"]["induction_heads"].values())
+
+
+def test_copy_retrieval_resumed_rounds_match_uninterrupted(tmp_path):
+    """A round trained from a stored state gives the numbers an uninterrupted run gives."""
+    _, whole = _until_solved(tmp_path / "whole", target_accuracy=1.01, max_steps=4)
+    _until_solved(tmp_path / "parts", target_accuracy=1.01, max_steps=2)
+    _, parts = _until_solved(tmp_path / "parts", target_accuracy=1.01, max_steps=4)
+    for arch, run in whole["results"]["induction_heads"].items():
+        other = parts["results"]["induction_heads"][arch]["history"]
+        for a, b in zip(run["history"], other):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+            assert a["token_accuracy"] == b["token_accuracy"]
+
+
+def test_copy_retrieval_paper_budget_is_the_papers_setting():
+    """--budget paper: vocabulary 16, selective copying of 16 tokens in 1024 with window 512, induction
+    heads over 256 with window 128, 5 blocks of width 64 of each architecture's pattern, no phonebook;
+    the small and micro budgets keep the fixed-step mode."""
+    from griffinlm.data import make_task
+    from griffinlm.evaluate.copy_paper import task_configs
+    from griffinlm.evaluate.copy_retrieval import BUDGETS, task_settings
+    s = BUDGETS["paper"]
+    assert "phonebook" not in s.tasks and s.round_steps > 0 and s.target_accuracy == 0.99
+    assert task_settings(s, "selective_copying") == {"length": 1024, "num_tokens": 16, "vocab": 16}
+    assert task_settings(s, "induction_heads") == {"length": 256, "vocab": 16}
+    assert BUDGETS["small"].round_steps == 0 and BUDGETS["micro"].round_steps == 0
+    for task_name, window in (("selective_copying", 512), ("induction_heads", 128)):
+        task = make_task(task_name, **task_settings(s, task_name))
+        cfgs = task_configs(s, task_name, task)
+        for arch, cfg in cfgs.items():
+            assert (cfg.width, cfg.depth, cfg.vocab_size) == (64, 5, task.vocab_size)
+            kinds = [k.value for k in cfg.block_types]
+            expected = {"transformer": ["global_attention"] * 5, "hawk": ["recurrent"] * 5,
+                        "griffin": ["recurrent", "recurrent", "attention", "recurrent", "recurrent"]}[arch]
+            assert kinds == expected, arch
+        assert cfgs["griffin"].local_window == window
+
+
+def test_synthetic_tasks_follow_the_papers_definitions():
+    """Selective copying: the data tokens scattered among noise, then a separator and the data tokens
+    in order (the only scored positions); induction heads: a trigger followed by its target once in
+    the context, the trigger again at the end, and the target the only scored answer."""
+    import numpy as np
+
+    from griffinlm.data import InductionHeads, SelectiveCopying
+    sc = SelectiveCopying(length=1024, num_tokens=16, vocab=16)
+    b = sc.sample(4, np.random.default_rng(0))
+    assert b.tokens.shape == (4, sc.seq_len) and sc.seq_len == 1024 + 16
+    for i in range(4):
+        ctx = b.tokens[i, :1024]
+        data = ctx[ctx != sc.noise_id]
+        assert len(data) == 16 and int(data.max()) < 16
+        assert int(b.tokens[i, 1024]) == sc.sep_id
+        assert b.loss_mask[i].nonzero().flatten().tolist() == list(range(1024, 1040))
+        assert torch.equal(b.targets[i, 1024:], data)
+    ih = InductionHeads(length=256, vocab=16)
+    b = ih.sample(64, np.random.default_rng(1))
+    assert b.tokens.shape == (64, 257)
+    for i in range(64):
+        row = b.tokens[i]
+        where = (row == ih.trigger_id).nonzero().flatten().tolist()
+        assert len(where) == 2 and where[1] == 256 and where[0] < 255
+        assert b.loss_mask[i].nonzero().flatten().tolist() == [256]
+        assert int(b.targets[i, 256]) == int(row[where[0] + 1]) < 16

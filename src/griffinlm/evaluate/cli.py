@@ -48,7 +48,8 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         q.add_argument("--budget", choices=BUDGETS, default="small",
-                       help="micro: seconds (tests); small: minutes on a CPU; medium/large: a GPU")
+                       help="micro: seconds (tests); small: minutes on a CPU; medium/large: a GPU; "
+                            "paper (copy-retrieval only): the paper's setting, trained until solved")
         q.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", default=[],
                        help="override a study setting, e.g. --set steps=500 'archs=[\"hawk\",\"griffin\"]'")
         _common(q)
@@ -126,9 +127,9 @@ def _run_study(args: argparse.Namespace) -> int:
     extra = ["--budget", args.budget] + (["--set", *args.set] if args.set else [])
     ctx = _context(args, _command(args, extra))
     data = getattr(importlib.import_module(module), fn)(ctx, args.budget, overrides)
-    path = os.path.join(args.out, f"{args.study}.md")
+    path = data.get("report") or os.path.join(args.out, f"{args.study}.md")
     ctx.log(f"{args.study}: {ctx.cache.misses} runs computed, {ctx.cache.hits} from the cache")
-    print(f"report: {path}\nplot: {os.path.join(args.out, args.study + '.png')}")
+    print(f"report: {path}\nplot: {path[:-len('.md')]}.png")
     return 0 if data else 1
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .runcache import RunCache
 
-BUDGETS = ("micro", "small", "medium", "large")
+BUDGETS = ("micro", "small", "medium", "large", "paper")  # "paper": copy-retrieval only
 
 S = TypeVar("S")
 
