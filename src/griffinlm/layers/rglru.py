@@ -35,7 +35,8 @@ def lambda_init(width: int, init: str, min_rad: float = 0.9, max_rad: float = 0.
 
 
 class RGLRU(nn.Module):
-    """RG-LRU over width D with block-diagonal gates. Shapes: x (B, T, D) -> y (B, T, D) float32."""
+    """RG-LRU over width D with block-diagonal gates. Shapes: x (B, T, D) -> y (B, T, D) (float32 on
+    CPU; x's dtype from the fused CUDA kernel, which keeps its state in float32)."""
 
     def __init__(self, width: int, num_blocks: int, c: float = 8.0, init: str = "paper",
                  min_rad: float = 0.9, max_rad: float = 0.999, unscaled_reset: bool = False) -> None:
@@ -84,7 +85,7 @@ class RGLRU(nn.Module):
                 h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, D); reset: (B, T) bool document starts; h0: (B, D) float32 state.
 
-        Returns y (B, T, D) float32 and the last state (B, D) float32.
+        Returns y (B, T, D) (float32; x's dtype on the CUDA kernel) and the last state (B, D) float32.
         """
         gate_r, gate_i = self.gates(x)
         return rglru(x, gate_r, gate_i, self.log_a(), self.c, reset, h0, self.unscaled_reset)
