@@ -174,6 +174,14 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, optimizer: 
     return final
 
 
+def save_model_checkpoint(run_dir: str, step: int, model: torch.nn.Module, trainer_state: dict) -> str:
+    """A checkpoint of `model` alone (a converted or merged model: no optimizer state, the only
+    checkpoint kept in `run_dir`), loadable wherever a training checkpoint is. Returns its path."""
+    # an SGD over no parameters records nothing but its hyper-parameters
+    no_optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    return save_checkpoint(run_dir, step, model, no_optimizer, trainer_state, keep_last=1)
+
+
 # --- reading ------------------------------------------------------------------------------------
 def list_checkpoints(run_dir: str) -> list[str]:
     """Complete-looking checkpoint directories of a run, oldest first."""

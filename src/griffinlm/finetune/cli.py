@@ -76,7 +76,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         if args.answer_tokens:
             summary["held_out_answer_accuracy"] = answer_accuracy(model, trainer.data.tokenizer, held_out,
                                                                   args.answer_tokens)
-        summary["outputs"] = write_outputs(out, model, peft_model, trainer.data.tokenizer, args.merge)
+        summary["outputs"] = write_outputs(trainer, peft_model, args.merge)
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, ImportError) as e:

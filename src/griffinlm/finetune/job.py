@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import (CheckpointError, list_checkpoints, load_weights, read_checkpoint, read_trainer,
-                          resolve_checkpoint, save_checkpoint)
+from ..checkpoint import (CheckpointError, load_weights, read_checkpoint, read_trainer, resolve_checkpoint,
+                          save_model_checkpoint)
 from ..data import Tokenizer
 from ..interop.weights import shard_files
 from ..loading import load
 from ..model import LanguageModel
 from ..train.config import TrainConfig
-from ..train.loop import TrainingJob
+from ..train.loop import Trainer, TrainingJob, trainable_names
 from .data import Example, instruction_data
 from .lora import LoraSettings, apply_lora, describe, merge_lora, save_adapter
 
@@ -52,24 +52,22 @@ def base_fingerprint(path: str) -> dict:
 
 
 def load_base(fingerprint: dict, device: str | torch.device = "cpu") -> tuple[LanguageModel, Tokenizer]:
-    """The base model a LoRA checkpoint recorded; CheckpointError if it moved or changed."""
+    """The base model a LoRA checkpoint recorded, in float32; CheckpointError if it moved or changed."""
     path = fingerprint["path"]
     if not os.path.isdir(path):
         raise CheckpointError(f"the base checkpoint of these adapters is gone: {path}")
     if base_fingerprint(path) != fingerprint:
         raise CheckpointError(f"the base checkpoint {path} changed since the adapters were trained on it")
-    return load(path, device)
+    return load(path, device, dtype=torch.float32)
 
 
 def prepare(cfg: FinetuneConfig, train: TrainConfig, verbose: bool = True) -> tuple[TrainingJob, list[Example], object]:
     """(the Trainer's job, the held-out examples, the PeftModel or None) for a run. Fails before
     any training on bad data (the line named), bad LoRA targets or a rank too large."""
-    model, tok = load(cfg.base)
-    model.float()  # train in fp32 master weights (bf16 GEMMs come from --dtype)
+    # fp32 master weights (bf16 GEMMs come from --dtype); `load` refuses a tokenizer larger than the model
+    model, tok = load(cfg.base, dtype=torch.float32)
     data, held_out = instruction_data(train.data, tok, train.seq_len, train.batch_size // train.grad_accum,
                                       train.seed, cfg.val_fraction)
-    if model.config.vocab_size < tok.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     peft_model = None
     if cfg.lora is not None:
         peft_model = apply_lora(model, cfg.lora)
@@ -98,10 +96,8 @@ def load_finetuned(path: str, device: str | torch.device = "cpu", merge: bool = 
         raise CheckpointError(f"{path} is not a LoRA fine-tuning checkpoint")
     ckpt = read_checkpoint(resolve_checkpoint(path))
     model, tok = load_base(record["base"], device)
-    model.float()
     peft_model = apply_lora(model, LoraSettings.from_dict(record["lora"]))
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    load_weights(ckpt, model, names)
+    load_weights(ckpt, model, trainable_names(model))
     if not merge:
         return peft_model, tok
     return merge_lora(peft_model).eval(), tok
@@ -131,19 +127,16 @@ def answer_accuracy(model: LanguageModel, tok: Tokenizer, examples: list[Example
     return hits / max(len(examples), 1)
 
 
-def write_outputs(out_dir: str, model: LanguageModel, peft_model, tok: Tokenizer, merge: bool) -> dict:
-    """After training: the adapters in peft's format (LoRA runs) and, with `merge`, a plain
+def write_outputs(trainer: Trainer, peft_model, merge: bool) -> dict:
+    """After a finished run: the adapters in peft's format (LoRA runs) and, with `merge`, a plain
     checkpoint with the adapters folded in. Returns {"adapter": dir, "merged": dir} (as written)."""
     written: dict = {}
     if peft_model is not None:
-        base = finetune_record(out_dir)["base"]["path"]
-        written["adapter"] = save_adapter(peft_model, os.path.join(out_dir, ADAPTER_DIR), base_name=base)
+        written["adapter"] = save_adapter(peft_model, os.path.join(trainer.out_dir, ADAPTER_DIR),
+                                          base_name=trainer.job.record["base"]["path"])
     if merge:
-        merged = merge_lora(peft_model) if peft_model is not None else model
-        step = int(os.path.basename(list_checkpoints(out_dir)[-1]).split("_")[1])
-        # no optimizer state: an SGD over no parameters records nothing but its hyper-parameters
-        sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-        written["merged"] = save_checkpoint(os.path.join(out_dir, MERGED_DIR), step, merged, sgd,
-                                            {"tokenizer": tok.to_dict(), "merged_from": os.path.abspath(out_dir)},
-                                            keep_last=1)
+        merged = merge_lora(peft_model) if peft_model is not None else trainer.model
+        written["merged"] = save_model_checkpoint(
+            os.path.join(trainer.out_dir, MERGED_DIR), trainer.step, merged,
+            {"tokenizer": trainer.data.tokenizer.to_dict(), "merged_from": os.path.abspath(trainer.out_dir)})
     return written

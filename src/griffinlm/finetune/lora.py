@@ -203,11 +203,9 @@ def merge_lora(model: nn.Module) -> LanguageModel:
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors by peft's saved names (adapter name removed, our module paths)."""
-    peft = _peft()
-    pm = model if hasattr(model, "peft_config") else None
-    if pm is None:
+    if not hasattr(model, "peft_config"):
         raise TypeError("adapter_tensors needs the PeftModel that apply_lora returned")
-    return {k: v.detach() for k, v in peft.get_peft_model_state_dict(pm).items()}
+    return {k: v.detach() for k, v in _peft().get_peft_model_state_dict(model).items()}
 
 
 # -- peft-format files -----------------------------------------------------------------------------
@@ -232,33 +230,21 @@ def exportable_to_hf(config) -> bool:
     return True
 
 
-def _hf_gate_nesting(wrapper: nn.Module, rest: str) -> str:
-    """The key suffix `rest` ("base_layer." * depth + "lora_A.weight") of a gate adapter, re-nested
-    as peft nests the wrappers on RecurrentGemma's module: in its parameters' declaration order
-    (input gate innermost), not ours (recurrence gate innermost)."""
+def _renest_gate(wrapper: nn.Module, rest: str, to_hf: bool) -> str:
+    """The key suffix `rest` ("base_layer." * depth + "lora_A.weight") of a gate adapter on our
+    RG-LRU `wrapper`, re-nested between our wrappers' order (recurrence gate innermost) and the
+    order peft nests them on RecurrentGemma's module (its parameters' declaration order: input
+    gate innermost); `to_hf` gives the direction."""
     depth = 0
     while rest.startswith("base_layer."):
         rest, depth = rest[len("base_layer."):], depth + 1
-    chain = []  # outermost first
+    ours = []  # outermost first, under RecurrentGemma's names
     while is_adapter(wrapper):
-        chain.append(_HF_GATE_NAMES[wrapper.parameter_name])
+        ours.append(_HF_GATE_NAMES[wrapper.parameter_name])
         wrapper = wrapper.base_layer
-    hf_chain = [n for n in ("recurrent_gate_weight", "input_gate_weight") if n in chain]  # outermost first
-    return "base_layer." * hf_chain.index(chain[depth]) + rest
-
-
-def _our_gate_nesting(wrapper: nn.Module, rest: str) -> str:
-    """The inverse of `_hf_gate_nesting`: a RecurrentGemma gate adapter's key suffix, re-nested as
-    the wrappers on our RG-LRU are."""
-    depth = 0
-    while rest.startswith("base_layer."):
-        rest, depth = rest[len("base_layer."):], depth + 1
-    chain = []  # ours, outermost first
-    while is_adapter(wrapper):
-        chain.append(_HF_GATE_NAMES[wrapper.parameter_name])
-        wrapper = wrapper.base_layer
-    hf_chain = [n for n in ("recurrent_gate_weight", "input_gate_weight") if n in chain]
-    return "base_layer." * chain.index(hf_chain[depth]) + rest
+    hf = [n for n in ("recurrent_gate_weight", "input_gate_weight") if n in ours]  # outermost first
+    new_depth = hf.index(ours[depth]) if to_hf else ours.index(hf[depth])
+    return "base_layer." * new_depth + rest
 
 
 def save_adapter(model: nn.Module, out_dir: str, *, hf_names: bool | None = None,
@@ -283,7 +269,7 @@ def save_adapter(model: nn.Module, out_dir: str, *, hf_names: bool | None = None
                 raise ValueError(f"no RecurrentGemma name for adapter tensor {key!r}")
             module, rest = m.group(1), m.group(2)
             if module.endswith(".rg_lru"):
-                rest = _hf_gate_nesting(lm.get_submodule(module), rest)
+                rest = _renest_gate(lm.get_submodule(module), rest, to_hf=True)
             renamed[_PEFT_PREFIX + _hf_module_path(module) + "." + rest] = t
         tensors = renamed
         if cfg.get("target_parameters"):
@@ -348,7 +334,7 @@ def load_adapter(model: LanguageModel, adapter_dir: str):
                 raise ValueError(f"{adapter_dir}: no griffinlm module for adapter tensor {key!r}")
             ours, rest = _our_module_path(m.group(1)), m.group(2)
             if ours.endswith(".rg_lru"):
-                rest = _our_gate_nesting(model.get_submodule(ours), rest)
+                rest = _renest_gate(model.get_submodule(ours), rest, to_hf=False)
             renamed[_PEFT_PREFIX + ours + "." + rest] = t
         tensors = renamed
     result = peft.set_peft_model_state_dict(peft_model, tensors)

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import save_model_checkpoint
 from .recurrentgemma import DTYPE_NAMES, export_recurrentgemma, load_recurrentgemma
 from .tokenizer import copy_tokenizer_files, find_tokenizer_file, load_tokenizer
 
@@ -27,9 +27,7 @@ def convert_from_hf(src: str, out: str, dtype: torch.dtype | str | None = None, 
     state: dict = {"source_format": "recurrentgemma", "converted_from": os.path.abspath(src)}
     if find_tokenizer_file(out):
         state["tokenizer"] = load_tokenizer(out).to_dict()
-    # No optimizer state: an SGD over no parameters records nothing but its hyper-parameters.
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-    return save_checkpoint(out, 0, model, optimizer, state, keep_last=1)
+    return save_model_checkpoint(out, 0, model, state)
 
 
 def convert_to_hf(src: str, out: str, dtype: torch.dtype | str | None = None,

@@ -106,6 +106,13 @@ def plain_parameters(*modules: nn.Module) -> bool:
     return all(type(p) in (nn.Parameter, torch.Tensor) for m in modules for p in m.parameters())
 
 
+def linear_stands_in(*modules: nn.Module) -> bool:
+    """True when reading these layers' `weight` and `bias` may stand in for calling them: each is
+    our own `Linear` (not a peft LoRA wrapper, whose `.weight` is only its base weight) with plain
+    parameters (`plain_parameters`)."""
+    return all(isinstance(m, Linear) for m in modules) and plain_parameters(*modules)
+
+
 class GatedMLP(nn.Module):
     """Gated feed-forward block: down_proj(act(gate_proj(x)) * up_proj(x)).
 
@@ -146,8 +153,7 @@ class GatedMLP(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_kind is not None:
-            if (self.gate_proj.bias is not None and isinstance(self.gate_proj, Linear) and isinstance(self.up_proj, Linear)
-                    and plain_parameters(self.gate_proj, self.up_proj)):
+            if self.gate_proj.bias is not None and linear_stands_in(self.gate_proj, self.up_proj):
                 # biases folded into the fused op instead of a broadcast copy inside addmm
                 gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
                 return self.down_proj(gated_activation(gate, up, self.fused_kind, self.gate_proj.bias,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..ops import gated_activation
 from ..ops.decode_step import KernelViews, StepRows, recurrent_step
 from ..ops.linear import linear
-from .activations import plain_parameters
+from .activations import linear_stands_in
 from .adapters import base_module, linear_parameters
 from .conv import Conv1D
 from .linear import Linear
@@ -63,7 +63,7 @@ class RecurrentBlock(nn.Module):
         return RecurrentCache.init(batch, self.lru_width, self.conv_width, device, dtype)
 
     def forward(self, x: torch.Tensor, pos: Positions, cache: RecurrentCache | None = None) -> torch.Tensor:
-        fold = self.gelu_approximate == "tanh" and isinstance(self.linear_y, Linear) and plain_parameters(self.linear_y)
+        fold = self.gelu_approximate == "tanh" and linear_stands_in(self.linear_y)
         # (B, T, D_rnn) before its GeLU; with `fold` also before its bias (added in the fused op)
         y = linear(x, self.linear_y.weight) if fold else self.linear_y(x)
         u = self.linear_x(x)  # (B, T, D_rnn)

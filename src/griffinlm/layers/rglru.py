@@ -73,9 +73,7 @@ class RGLRU(nn.Module):
         layer as the arguments of the fused decoding op `ops.recurrent_step`. `wrapped`: the peft
         wrapper around this layer (LoRA on the gate weights), whose updates are then added."""
         names = ("gate_r_weight", "gate_r_bias", "gate_i_weight", "gate_i_bias", "lambda_")
-        params = adapted_parameters(wrapped, names) if wrapped is not None and wrapped is not self else \
-            tuple(getattr(self, n) for n in names)
-        return (*params, self.c, self.unscaled_reset)
+        return (*adapted_parameters(self if wrapped is None else wrapped, names), self.c, self.unscaled_reset)
 
     def log_a(self) -> torch.Tensor:
         """(D,) log sigmoid(Lambda) = -softplus(-Lambda), in float32."""

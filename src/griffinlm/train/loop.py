@@ -60,6 +60,11 @@ def evaluate(model: LanguageModel, batches: Iterable[Batch], device: torch.devic
             "target_tokens": targets, "bytes": nbytes}
 
 
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that train (requires_grad): what a `trainable_only` checkpoint holds."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
 @dataclass
 class TrainingJob:
     """What a run trains when it is not a new model on a corpus (`griffinlm finetune`).
@@ -137,8 +142,7 @@ class Trainer:
         random.seed(config.seed)
         self.model = (job.model if job is not None else LanguageModel(model_config)).to(self.device)
         # the state-dict names a checkpoint holds (None: all)
-        self.saved_names = ([n for n, p in self.model.named_parameters() if p.requires_grad]
-                            if job is not None and job.trainable_only else None)
+        self.saved_names = trainable_names(self.model) if job is not None and job.trainable_only else None
         parallelize(self.model, self.par, fsdp, mixed_precision_policy(self.device) if self.par.distributed else None,
                     activation_checkpointing=config.grad_checkpointing)
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay,
