@@ -66,6 +66,26 @@ def _gates(gr, gi, log_a, c):
 
 
 @triton.jit
+def _tile(x_row, gr_row, gi_row, reset_ptr, pid_b, t64, mask, valid_t, log_a, c, s_xt, s_rt, s_it, s_zb, s_zt,
+          HAS_RESET: tl.constexpr, UNSCALED: tl.constexpr):
+    """One tile's inputs and gates as the forward computes them and the backward recomputes them:
+    x, r, i; the decay a and the input scale m = sqrt(1 - a^2); alpha and m_in, the same after the
+    document-start rule (alpha = 0 at a reset, m_in = 1 at an unscaled one); the resets rs."""
+    x = tl.load(x_row + t64 * s_xt, mask=mask, other=0.0).to(tl.float32)
+    gr = tl.load(gr_row + t64 * s_rt, mask=mask, other=0.0).to(tl.float32)
+    gi = tl.load(gi_row + t64 * s_it, mask=mask, other=0.0).to(tl.float32)
+    r, i, a, m = _gates(gr, gi, log_a, c)
+    alpha, m_in = a, m
+    rs = tl.zeros_like(x) != 0.0
+    if HAS_RESET:
+        rs = (tl.load(reset_ptr + pid_b * s_zb + t64 * s_zt, mask=valid_t[:, None], other=0) != 0)
+        alpha = tl.where(rs, 0.0, a)  # a document starts: drop the carried state
+        if UNSCALED:
+            m_in = tl.where(rs, 1.0, m)
+    return x, r, i, a, alpha, m, m_in, rs
+
+
+@triton.jit
 def _rglru_fwd_kernel(
     x_ptr, gr_ptr, gi_ptr, log_a_ptr, reset_ptr, h0_ptr, y_ptr, h_last_ptr, ckpt_ptr, T, D, c,
     s_xb, s_xt, s_xd, s_rb, s_rt, s_rd, s_ib, s_it, s_id, s_zb, s_zt,
@@ -93,18 +113,11 @@ def _rglru_fwd_kernel(
         valid_t = offs_t < T
         mask = valid_t[:, None] & mask_d[None, :]
         t64 = offs_t[:, None].to(tl.int64)  # (BLOCK_T, 1)
-        x = tl.load(x_row + t64 * s_xt, mask=mask, other=0.0).to(tl.float32)
-        gr = tl.load(gr_row + t64 * s_rt, mask=mask, other=0.0).to(tl.float32)
-        gi = tl.load(gi_row + t64 * s_it, mask=mask, other=0.0).to(tl.float32)
-        r, i, a, m = _gates(gr, gi, log_a, c)
-        if HAS_RESET:
-            rs = (tl.load(reset_ptr + pid_b * s_zb + t64 * s_zt, mask=valid_t[:, None], other=0) != 0)
-            a = tl.where(rs, 0.0, a)  # a document starts: drop the carried state
-            if UNSCALED:
-                m = tl.where(rs, 1.0, m)
+        x, r, i, a, alpha, m, m_in, rs = _tile(x_row, gr_row, gi_row, reset_ptr, pid_b, t64, mask, valid_t, log_a, c,
+                                               s_xt, s_rt, s_it, s_zb, s_zt, HAS_RESET, UNSCALED)
         # Past the end a = 1, u = 0: the state is carried unchanged to the tile's last row.
-        a = tl.where(mask, a, 1.0)
-        u = tl.where(mask, m * i * x, 0.0)
+        a = tl.where(mask, alpha, 1.0)
+        u = tl.where(mask, m_in * i * x, 0.0)
         tl.store(ckpt_row + k * D, carry, mask=mask_d)  # the state entering tile k, for the backward
         a_cum, u_cum = tl.associative_scan((a, u), 0, _combine)
         h = a_cum * carry[None, :] + u_cum
@@ -143,17 +156,8 @@ def _rglru_bwd_kernel(
         valid_t = offs_t < T
         mask = valid_t[:, None] & mask_d[None, :]
         t64 = offs_t[:, None].to(tl.int64)  # (BLOCK_T, 1)
-        x = tl.load(x_row + t64 * s_xt, mask=mask, other=0.0).to(tl.float32)
-        gr = tl.load(gr_row + t64 * s_rt, mask=mask, other=0.0).to(tl.float32)
-        gi = tl.load(gi_row + t64 * s_it, mask=mask, other=0.0).to(tl.float32)
-        r, i, a, m = _gates(gr, gi, log_a, c)
-        m_in = m  # the multiplier applied to i x (1 at an unscaled reset)
-        alpha = a  # the decay applied to h_{t-1} (0 at a reset)
-        if HAS_RESET:
-            rs = (tl.load(reset_ptr + pid_b * s_zb + t64 * s_zt, mask=valid_t[:, None], other=0) != 0)
-            alpha = tl.where(rs, 0.0, a)
-            if UNSCALED:
-                m_in = tl.where(rs, 1.0, m)
+        x, r, i, a, alpha, m, m_in, rs = _tile(x_row, gr_row, gi_row, reset_ptr, pid_b, t64, mask, valid_t, log_a, c,
+                                               s_xt, s_rt, s_it, s_zb, s_zt, HAS_RESET, UNSCALED)
         # The tile's states, recomputed from the state that entered it (as the forward did).
         u = tl.where(mask, m_in * i * x, 0.0)
         a_cum, u_cum = tl.associative_scan((tl.where(mask, alpha, 1.0), u), 0, _combine)
