@@ -8,6 +8,10 @@ same inputs.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import pytest
@@ -62,3 +66,17 @@ def check_against_reference(op: str, fast: Callable, reference: Callable, inputs
     for i, (a, b) in enumerate(zip(g32, g64)):
         name = grad_names[i] if i < len(grad_names) else f"grad {i}"
         torch.testing.assert_close(a.double(), b, rtol=grad_tol, atol=grad_tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def run_in_triton_interpreter(module: str, fn: str, timeout: int = 600) -> None:
+    """Run `module.fn('cpu')` (a test module of this folder) in a fresh interpreter with
+    TRITON_INTERPRET=1 (the variable is read when triton is imported, so not in this process);
+    skip without triton, fail with the child's stderr."""
+    pytest.importorskip("triton")
+    here = str(Path(__file__).resolve().parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); import {module} as m; m.{fn}('cpu')"
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr and "triton" in proc.stderr:
+        pytest.skip("triton interpreter unavailable")
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -5,7 +5,7 @@ import torch
 
 from griffinlm.ops import causal_conv1d, causal_conv1d_reference
 from griffinlm.ops.conv import fusable
-from harness import check_against_reference, needs_numba
+from harness import check_against_reference, needs_numba, run_in_triton_interpreter
 
 
 def naive(x, w, b, lags, state):
@@ -160,17 +160,7 @@ def run_triton_checks(device: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test covers it")
 def test_triton_conv_interpreter_on_cpu():
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    here = str(Path(__file__).resolve().parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import test_conv as m; m.run_triton_checks('cpu')"
-    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_in_triton_interpreter("test_conv", "run_triton_checks")
 
 
 @pytest.mark.gpu

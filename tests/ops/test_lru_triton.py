@@ -9,8 +9,6 @@ the checks run in a subprocess; they skip cleanly when triton is missing.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 import torch
 
 from griffinlm.ops import linear_scan, numba_common, rglru
+from harness import run_in_triton_interpreter
 
 HERE = Path(__file__).resolve().parent
 NAMES = ["y", "h_last", "dx", "dgate_r", "dgate_i", "dlog_a", "dh0"]
@@ -186,13 +185,7 @@ def run_checks(device: str) -> None:
 
 
 def _run_interpreter(fn: str) -> None:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_lru_triton as m; m.{fn}('cpu')"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr and "triton" in proc.stderr:
-        pytest.skip("triton interpreter unavailable")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_in_triton_interpreter("test_lru_triton", fn)
 
 
 @pytest.mark.slow

@@ -11,13 +11,12 @@ committed) and writes just the view's elements, so a check costs well under a MB
 from __future__ import annotations
 
 import mmap
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import run_in_triton_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -94,12 +93,7 @@ def run_overflow_checks(device: str) -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="MAP_NORESERVE mappings are Linux-only here")
 def test_triton_scan_offsets_past_2_31_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_scan_triton as m; m.run_overflow_checks('cpu')"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr and "triton" in proc.stderr:
-        pytest.skip("triton interpreter unavailable")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_in_triton_interpreter("test_scan_triton", "run_overflow_checks", timeout=300)
 
 
 @pytest.mark.gpu
@@ -137,9 +131,4 @@ def test_triton_scan_under_torch_compile():
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test covers it")
 def test_triton_scan_interpreter_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_scan_triton as m; m.run_checks('cpu')"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr and "triton" in proc.stderr:
-        pytest.skip("triton interpreter unavailable")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_in_triton_interpreter("test_scan_triton", "run_checks", timeout=300)
