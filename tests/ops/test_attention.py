@@ -14,6 +14,17 @@ def doc_starts(B: int, T: int, p: float, gen: torch.Generator) -> torch.Tensor:
     return torch.where(new_doc, pos, torch.zeros_like(pos)).cummax(dim=1).values
 
 
+def case_inputs(T: int, window: int, H: int, Hkv: int, docs: bool):
+    """q (2, H, T, 8), k and v (2, Hkv, T, 8) float64 leaves, document starts (or None), and the
+    generator they came from (seeded by the case; it draws the cotangent next)."""
+    gen = torch.Generator().manual_seed(T + window)
+    B, hd = 2, 8
+    q = torch.randn(B, H, T, hd, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, T, hd, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, T, hd, generator=gen, dtype=torch.float64, requires_grad=True)
+    return q, k, v, doc_starts(B, T, 0.08, gen) if docs else None, gen
+
+
 @pytest.mark.parametrize(
     "T,window,block,H,Hkv,docs",
     [
@@ -30,12 +41,7 @@ def doc_starts(B: int, T: int, p: float, gen: torch.Generator) -> torch.Tensor:
     ],
 )
 def test_blocked_matches_dense_reference(T, window, block, H, Hkv, docs):
-    gen = torch.Generator().manual_seed(T + window)
-    B, hd = 2, 8
-    q = torch.randn(B, H, T, hd, generator=gen, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, Hkv, T, hd, generator=gen, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, Hkv, T, hd, generator=gen, dtype=torch.float64, requires_grad=True)
-    ds = doc_starts(B, T, 0.08, gen) if docs else None
+    q, k, v, ds, gen = case_inputs(T, window, H, Hkv, docs)
     out = causal_attention(q, k, v, window, ds, block=block, impl="blocked")
     ref = attention_reference(q.double(), k, v, window, ds)  # reference computes in fp32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -113,12 +119,7 @@ def test_flex_local_attention_matches_dense_reference(T, window, block, H, Hkv, 
     import torch.nn.attention.flex_attention as fa
 
     monkeypatch.setattr(fa, "_validate_device", lambda *a: None)  # lift the CPU backward refusal
-    gen = torch.Generator().manual_seed(T + window)
-    B, hd = 2, 8
-    q = torch.randn(B, H, T, hd, generator=gen, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, Hkv, T, hd, generator=gen, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, Hkv, T, hd, generator=gen, dtype=torch.float64, requires_grad=True)
-    ds = doc_starts(B, T, 0.08, gen) if docs else None
+    q, k, v, ds, gen = case_inputs(T, window, H, Hkv, docs)
     from griffinlm.ops.attention.flex import flex_local_attention
 
     out = flex_local_attention(q, k, v, window, ds, 0.4, compiled=False, block=block)

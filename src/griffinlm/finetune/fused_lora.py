@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 
+from ..layers.adapters import is_plain_lora
 from ..ops.lora import fusable, lora_linear
 
 
@@ -25,7 +26,7 @@ class FusedLoraLinear(PeftLoraLinear):
             return super().forward(x, *args, **kwargs)
         name = adapters[0]
         base, lora_a, lora_b = self.get_base_layer(), self.lora_A[name], self.lora_B[name]
-        if (name in self.lora_variant or self.use_dora.get(name) or lora_b.bias is not None or self.fan_in_fan_out
+        if (not is_plain_lora(self, name) or lora_b.bias is not None or self.fan_in_fan_out
                 or not fusable(x, base.weight, base.bias, lora_a.weight, lora_b.weight)):
             return super().forward(x, *args, **kwargs)
         dropout = self.lora_dropout[name]

@@ -38,8 +38,13 @@ def _active(wrapper: nn.Module) -> list[str]:
     return [a for a in wrapper.active_adapters if a in wrapper.lora_A and a not in wrapper.merged_adapters]
 
 
+def is_plain_lora(wrapper: nn.Module, adapter: str) -> bool:
+    """True when `adapter` on `wrapper` is plain LoRA (scaling * B A), not DoRA or another variant."""
+    return not (getattr(wrapper, "use_dora", {}).get(adapter) or getattr(wrapper, "lora_variant", {}).get(adapter))
+
+
 def _check_plain_lora(wrapper: nn.Module, adapter: str) -> None:
-    if getattr(wrapper, "use_dora", {}).get(adapter) or getattr(wrapper, "lora_variant", {}).get(adapter):
+    if not is_plain_lora(wrapper, adapter):
         raise NotImplementedError(
             f"adapter {adapter!r} on {type(base_module(wrapper)).__name__} is a LoRA variant (e.g. DoRA) that the "
             "fused decoding ops cannot fold in; merge it first (model.merge_and_unload())")
