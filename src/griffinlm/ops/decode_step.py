@@ -353,7 +353,7 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
             n = _norm(x, norm, w[0])
             q, k, v = (t.contiguous() for t in linear_many(n, (q_proj, k_proj, v_proj)))
             out = _kernels().attention_mix(q.numpy(), k.numpy(), v.numpy(), num_heads, w[1], rotary_dim,
-                                           bool(interleaved), st[0], st[1], ring, *rows.arrays, scale)
+                                           bool(interleaved), st[0], st[1], ring, *rows.arrays, scale, rows.threads)
             FUSED_CALLS["attention_mix"] += 1
             return x.add_(linear(torch.from_numpy(out), *o_proj))
     w = rows.fused and views((norm[0], *q_proj, *k_proj, *v_proj, *o_proj, inv_freq), rows.unchanged)

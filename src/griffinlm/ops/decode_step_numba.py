@@ -136,15 +136,24 @@ def mlp_step(x, norm_w, unit_offset, eps, w_gate, s_gate, b_gate, w_up, s_up, b_
     gated = w_gate.shape[0] > 0
     n = rms_norm(x, norm_w, unit_offset, eps)
     hid = np.empty((B, M), f32)
+    pre = np.empty((B, M), f32)  # the gate's (ungated: up's) pre-activation
     for c in prange(parts):
         lo, hi = _chunk(M, parts, c)
         for m in range(lo, hi):
             for b in range(B):
-                u = _affine(w_up, s_up, b_up, m, n, b)
                 if gated:
-                    hid[b, m] = _act(_affine(w_gate, s_gate, b_gate, m, n, b), act, beta) * u
+                    hid[b, m] = _affine(w_up, s_up, b_up, m, n, b)
+                    pre[b, m] = _affine(w_gate, s_gate, b_gate, m, n, b)
                 else:
-                    hid[b, m] = _act(u, act, beta)
+                    pre[b, m] = _affine(w_up, s_up, b_up, m, n, b)
+        # the activations in a pass of their own: inside the loop above they did not vectorise
+        for b in range(B):
+            if gated:
+                for m in range(lo, hi):
+                    hid[b, m] *= _act(pre[b, m], act, beta)
+            else:
+                for m in range(lo, hi):
+                    hid[b, m] = _act(pre[b, m], act, beta)
     for c in prange(parts):
         lo, hi = _chunk(w_down.shape[0], parts, c)
         _linear_rows(hid, w_down, s_down, b_down, x, True, lo, hi)
@@ -197,9 +206,11 @@ def _rglru_job(job, split, xc, y, gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset
             acc_i[j] = gi_b[hd, lo + j]
         for i in range(bw):
             xi = xc[b, hd * bw + i]
+            # row slices: indexing gr_w[hd, i, lo + j] kept this loop scalar (4x slower step)
+            wr, wi = gr_w[hd, i, lo:hi], gi_w[hd, i, lo:hi]
             for j in range(hi - lo):
-                acc_r[j] += xi * gr_w[hd, i, lo + j]
-                acc_i[j] += xi * gi_w[hd, i, lo + j]
+                acc_r[j] += xi * wr[j]
+                acc_i[j] += xi * wi[j]
         reset = pos[b] == doc_start[b]
         sb = slots[b]
         base = hd * bw + lo
@@ -329,8 +340,9 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, s_q, b_q, w_k, s_k, b_k, w_
         _rope_and_write_row(b, q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
                             slots[b], pos[b], doc_start[b])
     out = np.empty((B, num_heads * hd), f32)
-    for job in prange(B * Hkv):
-        _attend_job(job, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out)
+    split = _head_split(B * Hkv, num_heads // Hkv, parts)
+    for job in prange(B * Hkv * split):
+        _attend_job(job, split, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out)
     for c in prange(parts):
         lo, hi = _chunk(w_o.shape[0], parts, c)
         _linear_rows(out, w_o, s_o, b_o, x, True, lo, hi)
@@ -338,7 +350,7 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, s_q, b_q, w_k, s_k, b_k, w_
 
 @njit(parallel=True, fastmath=FM, cache=True)
 def attention_mix(q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
-                  slots, pos, doc_start, scale):
+                  slots, pos, doc_start, scale, parts):
     """The attention block's step between its projections, for many rows: q (B, H*hd), k, v
     (B, Hkv*hd) -> out (B, H*hd), as `attention_step` (RoPE on q and k in place, this token's
     key/value written to rows slots[b] of the cache, then attention over them)."""
@@ -347,8 +359,10 @@ def attention_mix(q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache
         _rope_and_write_row(b, q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
                             slots[b], pos[b], doc_start[b])
     out = np.empty((B, q.shape[1]), f32)
-    for job in prange(B * k_cache.shape[1]):
-        _attend_job(job, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out)
+    Hkv = k_cache.shape[1]
+    split = _head_split(B * Hkv, num_heads // Hkv, parts)
+    for job in prange(B * Hkv * split):
+        _attend_job(job, split, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out)
     return out
 
 
@@ -379,36 +393,49 @@ def _rope_and_write_row(b, q, k, v, num_heads, inv_freq, rotary_dim, interleaved
             v_cache[sb, hh, at, d] = v[b, hh * hd + d]
 
 
+@njit(inline="always")
+def _head_split(jobs, rep, parts):
+    """Parts to split each kv group's `rep` query heads into when there are fewer (row, group)
+    jobs than threads (a batch-1 step with one kv head would attend on one core)."""
+    return min(rep, max(1, parts // max(jobs, 1)))
+
+
 @njit(fastmath=FM, inline="always")
-def _attend_job(job, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out):
-    """For job = b * Hkv + g: out[b, head] = softmax(q k^T * scale) v for every query head of kv
-    head g, over the keys of slot slots[b] that row b sees (its document's, up to its
-    position); each cached key and value is read once for the group's heads."""
+def _attend_job(job, split, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out):
+    """For job = (b * Hkv + g) * split + part: out[b, head] = softmax(q k^T * scale) v for the
+    query heads of kv head g in chunk `part` of `split`, over the keys of slot slots[b] that row b
+    sees (its document's, up to its position); each cached key and value is read once for the
+    chunk's heads."""
     Hkv, S, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     rep = num_heads // Hkv
-    b = job // Hkv
-    g = job % Hkv
+    e_lo, e_hi = _chunk(rep, split, job % split)
+    n_e = e_hi - e_lo
+    b = job // split // Hkv
+    g = job // split % Hkv
+    if n_e <= 0:
+        return
     sb = slots[b]
     p_b = pos[b]
     visible = S if ring else min(p_b + 1, S)
-    scores = np.empty((rep, visible), f32)
-    best = np.full(rep, -np.inf, f32)
+    scores = np.empty((n_e, visible), f32)
+    best = np.full(n_e, -np.inf, f32)
+    head0 = g * rep + e_lo
     for s in range(visible):
         key_pos = p_b - (p_b - s) % S if ring else s
         if key_pos < doc_start[b] or key_pos > p_b or key_pos < 0:  # < 0: a ring entry not written yet
-            for e in range(rep):
+            for e in range(n_e):
                 scores[e, s] = -np.inf
             continue
         ks = k_cache[sb, g, s]
-        for e in range(rep):
-            qh = q[b, (g * rep + e) * hd:(g * rep + e + 1) * hd]
+        for e in range(n_e):
+            qh = q[b, (head0 + e) * hd:(head0 + e + 1) * hd]
             acc = f32(0.0)
             for d in range(hd):
                 acc += qh[d] * ks[d]
             scores[e, s] = acc * scale
             best[e] = max(best[e], scores[e, s])
-    total = np.zeros(rep, f32)
-    for e in range(rep):
+    total = np.zeros(n_e, f32)
+    for e in range(n_e):
         for s in range(visible):
             v = exp32(scores[e, s] - best[e])
             v = v if scores[e, s] > -np.inf else f32(0.0)  # a select: the loop vectorises
@@ -416,16 +443,16 @@ def _attend_job(job, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start
             total[e] += v
     # Accumulate in a local array: stores into `out` inside the loop would not vectorise
     # (numba cannot rule out that out and v_cache overlap).
-    acc_v = np.zeros((rep, hd), f32)
+    acc_v = np.zeros((n_e, hd), f32)
     for s in range(visible):
         vs = v_cache[sb, g, s]
-        for e in range(rep):
+        for e in range(n_e):
             w = scores[e, s] / total[e]
             for d in range(hd):
                 acc_v[e, d] += w * vs[d]
-    for e in range(rep):
+    for e in range(n_e):
         for d in range(hd):
-            out[b, (g * rep + e) * hd + d] = acc_v[e, d]
+            out[b, (head0 + e) * hd + d] = acc_v[e, d]
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
