@@ -209,6 +209,30 @@ def offline_rate(model, batch: int, length: int, steps: int = 8) -> float:
         return batch * steps / (time.perf_counter() - t0)
 
 
+def prefill_rate(model, batch: int, length: int, rounds: int = 2) -> float:
+    """Tokens/s of the engine's batched prefill (`prefill_many`) of `batch` fresh slots with
+    `length`-token prompts (no HTTP; the best of `rounds`)."""
+    import torch
+
+    with torch.no_grad():
+        cache = model.init_cache(batch)
+        prompts = [torch.randint(3, 250, (length,)) for _ in range(batch)]
+        best = 0.0
+        for _ in range(rounds + 1):  # the first round warms up
+            cache.reset(list(range(batch)))
+            t0 = time.perf_counter()
+            model.prefill_many(prompts, cache, list(range(batch)))
+            best = max(best, batch * length / (time.perf_counter() - t0))
+        return best
+
+
+def ceiling(decode_tok_s: float, prefill_tok_s: float, prompt_tokens: int, new_tokens: int) -> float:
+    """Generated tokens/s if every prompt token cost what the batched prefill costs and every
+    generated token what the offline step costs, with nothing else (no HTTP, no scheduling, no
+    sampling): the most any server could serve of this workload with this model on this machine."""
+    return 1.0 / (1.0 / decode_tok_s + prompt_tokens / new_tokens / prefill_tok_s)
+
+
 def hf_rate(clients: int, prompt_tokens: int, new_tokens: int) -> tuple[float, float]:
     """(transformers, ours) generate() tokens/s on one static batch of `clients` prompts."""
     import torch
@@ -274,22 +298,34 @@ def main(argv=None) -> int:
                 proc.terminate()
                 proc.wait(60)
         offline = offline_rate(model, top, args.prompt_tokens + args.new_tokens // 2)
-        res["archs"][arch] = dict(levels=levels, offline_step_tok_s=offline, http_over_offline=levels[-1]["tok_s"] / offline)
+        prefill = prefill_rate(model, min(top, 16), args.prompt_tokens)
+        ceilings = {c: ceiling(offline if c == top else offline_rate(model, c, args.prompt_tokens + args.new_tokens // 2),
+                               prefill, args.prompt_tokens, args.new_tokens) for c in args.clients if c >= 16 or c == top}
+        res["archs"][arch] = dict(levels=levels, offline_step_tok_s=offline, http_over_offline=levels[-1]["tok_s"] / offline,
+                                  prefill_tok_s=prefill, ceiling_tok_s={str(c): v for c, v in ceilings.items()},
+                                  ceiling_over_offline=ceilings[top] / offline,
+                                  http_over_ceiling=levels[-1]["tok_s"] / ceilings[top])
         for lv in levels:
             print(f"{arch:11s} c={lv['clients']:3d}: {lv['tok_s']:8.0f} tok/s  TTFT p50 {lv['ttft_p50_ms']:7.1f} ms "
                   f"p99 {lv['ttft_p99_ms']:7.1f}  ITL p50 {lv['itl_p50_ms']:6.1f} ms p99 {lv['itl_p99_ms']:6.1f}",
                   flush=True)
         print(f"{arch:11s} offline model.step at batch {top}: {offline:.0f} tok/s; HTTP at c={top} = "
               f"{res['archs'][arch]['http_over_offline']:.0%} of it", flush=True)
+        print(f"{arch:11s} batched prefill {prefill:.0f} tok/s; ceiling of this workload at c={top} (prefill + decode "
+              f"at those rates, nothing else): {ceilings[top]:.0f} tok/s = {ceilings[top] / offline:.0%} of the "
+              f"decode-only rate; served = {levels[-1]['tok_s'] / ceilings[top]:.0%} of the ceiling", flush=True)
     if not args.no_hf and "griffin" in res["archs"]:
         res["hf"] = {}
         for c in [c for c in args.clients if c >= 16] or [top]:
             theirs, ours = hf_rate(c, args.prompt_tokens, args.new_tokens)
             served = next(lv["tok_s"] for lv in res["archs"]["griffin"]["levels"] if lv["clients"] == c)
+            top_ceiling = res["archs"]["griffin"]["ceiling_tok_s"].get(str(c))
             res["hf"][str(c)] = dict(transformers_tok_s=theirs, ours_generate_tok_s=ours, served_tok_s=served,
-                                     served_over_transformers=served / theirs)
+                                     served_over_transformers=served / theirs,
+                                     ceiling_over_transformers=top_ceiling and top_ceiling / theirs)
             print(f"transformers generate() static batch {c}: {theirs:.0f} tok/s; ours served at c={c}: {served:.0f} "
-                  f"tok/s = {served / theirs:.2f}x (our generate(): {ours:.0f} tok/s)", flush=True)
+                  f"tok/s = {served / theirs:.2f}x (our generate(): {ours:.0f} tok/s; the ceiling above: "
+                  f"{top_ceiling and top_ceiling / theirs:.2f}x)", flush=True)
     if not args.no_write:
         with open(JSON_PATH, "w") as f:
             json.dump(res, f, indent=1)
