@@ -116,6 +116,26 @@ def test_every_batch_size_equals_the_references(arch, B):
 
 
 @needs_numba
+@pytest.mark.parametrize("arch", ["griffin", "interleaved-gqa"])
+@pytest.mark.parametrize("parts", [1, 3, 4])
+@pytest.mark.parametrize("B", [1, 2, 9])
+def test_any_number_of_row_chunks_equals_the_references(arch, parts, B, monkeypatch):
+    """The kernels split their work into `parts` chunks (numba's thread count, here forced): at
+    one or two rows attention splits each kv group's query heads across them (4 heads into 3
+    chunks: 2 + 1 + 1; GQA's 2 heads per group into at most 2), and the RG-LRU's gate blocks and
+    the projections' rows into uneven chunks."""
+    monkeypatch.setattr(decode_step.numba_common, "threads", lambda: parts)
+    cfg = CONFIGS[arch]
+    model = make_model(cfg, seed=parts)
+    T = 5
+    prompts = torch.randint(0, cfg.vocab_size, (B, T))
+    worst, (c_fast, c_ref) = run_both(model, prompts, None, steps=6)
+    assert worst < 1e-5, worst
+    for a, b in zip(cache_tensors(c_fast), cache_tensors(c_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_numba
 def test_fused_step_batch_of_one_continuing_document():
     cfg = CONFIGS["griffin"]
     model = make_model(cfg, seed=3)
