@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import operator
 from dataclasses import dataclass
 from typing import Iterator
@@ -80,12 +79,6 @@ _EMPTY = np.empty(0, np.float32)
 _EMPTY_ROWS = np.empty((0, 0), np.float32)
 
 
-def _numpy_view(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a contiguous float32 CPU tensor's memory. Not `.numpy()`, which would make a
-    parameter's storage non-resizable for good (FSDP frees parameters by resizing)."""
-    return np.ctypeslib.as_array(ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float)), shape=tuple(t.shape))
-
-
 def _kernel_tensor(t: torch.Tensor) -> bool:
     """The ops' shared rule (`numba_common.cpu_fusable`) plus contiguity: the kernels index raw memory.
     A quantized weight (`ops.quantized`) goes as its stored data and scales."""
@@ -101,7 +94,7 @@ def _kernel_view(t) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         return _EMPTY
     if isinstance(t, QuantizedWeight):
         return t.kernel_arrays()
-    return _numpy_view(t.detach())
+    return numba_common.numpy_view(t.detach())
 
 
 def _ws(view) -> tuple[np.ndarray, np.ndarray]:

@@ -30,10 +30,9 @@ from numba.extending import overload
 from .activation import ACTIVATIONS
 from .lru.numba import gates
 from .norm.numba import norm_row
-from .numba_common.jit import exp32, f32
+from .numba_common.jit import DOT_FASTMATH as FM
+from .numba_common.jit import exp32, f32, row_chunk
 
-# reassoc lets LLVM split each dot product over several vector accumulators.
-FM = {"nnan", "ninf", "nsz", "arcp", "contract", "afn", "reassoc"}
 SIGMOID, RELU, GELU_TANH, GELU, SWISH = (ACTIVATIONS[k] for k in ("sigmoid", "relu", "gelu_tanh", "gelu", "swish"))
 
 
@@ -77,13 +76,6 @@ def _dot(w, n, x, b):
     return acc
 
 
-@njit(inline="always")
-def _chunk(size, parts, c):
-    step = (size + parts - 1) // parts
-    lo = min(size, c * step)
-    return lo, min(size, lo + step)
-
-
 @njit(fastmath=FM, inline="always")
 def _affine(w, s, bias, n, x, b):
     """(w[n, :] . x[b, :]) * s[n] + bias[n] (no scale, no bias when they are empty)."""
@@ -122,7 +114,7 @@ def linear_rows(x, w, s, bias, out, parts):
     """out (B, N) = x (B, K) @ (w * s)^T + bias for a few rows, streaming the (possibly quantized)
     weight once, its rows split across `parts` threads."""
     for c in prange(parts):
-        lo, hi = _chunk(w.shape[0], parts, c)
+        lo, hi = row_chunk(w.shape[0], parts, c)
         _linear_rows(x, w, s, bias, out, False, lo, hi)
 
 
@@ -138,7 +130,7 @@ def mlp_step(x, norm_w, unit_offset, eps, w_gate, s_gate, b_gate, w_up, s_up, b_
     hid = np.empty((B, M), f32)
     pre = np.empty((B, M), f32)  # the gate's (ungated: up's) pre-activation
     for c in prange(parts):
-        lo, hi = _chunk(M, parts, c)
+        lo, hi = row_chunk(M, parts, c)
         for m in range(lo, hi):
             for b in range(B):
                 if gated:
@@ -155,7 +147,7 @@ def mlp_step(x, norm_w, unit_offset, eps, w_gate, s_gate, b_gate, w_up, s_up, b_
                 for m in range(lo, hi):
                     hid[b, m] = _act(pre[b, m], act, beta)
     for c in prange(parts):
-        lo, hi = _chunk(w_down.shape[0], parts, c)
+        lo, hi = row_chunk(w_down.shape[0], parts, c)
         _linear_rows(hid, w_down, s_down, b_down, x, True, lo, hi)
 
 
@@ -190,7 +182,7 @@ def _rglru_job(job, split, xc, y, gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset
     go through `lru.numba.gates` (float32, vectorised over the chunk)."""
     bw = gr_w.shape[1]
     hd = job // split
-    lo, hi = _chunk(bw, split, job % split)
+    lo, hi = row_chunk(bw, split, job % split)
     if hi <= lo:
         return
     acc_r = np.empty(hi - lo, f32)
@@ -239,7 +231,7 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, s_y, b_y, w_x, s_x, b_x, co
     y = np.empty((B, R), f32)
     u = np.empty((B, R), f32)
     for ch in prange(parts):
-        lo, hi = _chunk(R, parts, ch)
+        lo, hi = row_chunk(R, parts, ch)
         for r in range(lo, hi):
             for b in range(B):
                 y[b, r] = _affine(w_y, s_y, b_y, r, n, b)
@@ -257,7 +249,7 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, s_y, b_y, w_x, s_x, b_x, co
             _rglru_job(job, split, xc, y, gr_w, gr_b, gi_w, gi_b, lam, c, unscaled_reset, h, slots, pos,
                        doc_start, gelu_code, z)
     for c in prange(parts):
-        lo, hi = _chunk(w_out.shape[0], parts, c)
+        lo, hi = row_chunk(w_out.shape[0], parts, c)
         _linear_rows(z, w_out, s_out, b_out, x, True, lo, hi)
 
 
@@ -285,7 +277,7 @@ def rglru_mix(xc, gate_r, gate_i, y, lam, c, unscaled_reset, h, slots, pos, doc_
     cf = f32(c)
     z = np.empty((B, R), f32)
     for ch in prange(parts):
-        lo, hi = _chunk(B, parts, ch)
+        lo, hi = row_chunk(B, parts, ch)
         for b in range(lo, hi):
             if gelu_code == GELU_TANH:  # a constant activation code inside: the channel loop vectorises
                 _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, pos, doc_start, GELU_TANH, z)
@@ -328,13 +320,13 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, s_q, b_q, w_k, s_k, b_k, w_
     k = np.empty((B, Hkv * hd), f32)
     v = np.empty((B, Hkv * hd), f32)
     for c in prange(parts):
-        lo, hi = _chunk(w_q.shape[0], parts, c)
+        lo, hi = row_chunk(w_q.shape[0], parts, c)
         _linear_rows(n, w_q, s_q, b_q, q, False, lo, hi)
     for c in prange(parts):
-        lo, hi = _chunk(w_k.shape[0], parts, c)
+        lo, hi = row_chunk(w_k.shape[0], parts, c)
         _linear_rows(n, w_k, s_k, b_k, k, False, lo, hi)
     for c in prange(parts):
-        lo, hi = _chunk(w_v.shape[0], parts, c)
+        lo, hi = row_chunk(w_v.shape[0], parts, c)
         _linear_rows(n, w_v, s_v, b_v, v, False, lo, hi)
     for b in range(B):
         _rope_and_write_row(b, q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
@@ -344,7 +336,7 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, s_q, b_q, w_k, s_k, b_k, w_
     for job in prange(B * Hkv * split):
         _attend_job(job, split, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out)
     for c in prange(parts):
-        lo, hi = _chunk(w_o.shape[0], parts, c)
+        lo, hi = row_chunk(w_o.shape[0], parts, c)
         _linear_rows(out, w_o, s_o, b_o, x, True, lo, hi)
 
 
@@ -408,7 +400,7 @@ def _attend_job(job, split, q, num_heads, k_cache, v_cache, ring, slots, pos, do
     chunk's heads."""
     Hkv, S, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     rep = num_heads // Hkv
-    e_lo, e_hi = _chunk(rep, split, job % split)
+    e_lo, e_hi = row_chunk(rep, split, job % split)
     n_e = e_hi - e_lo
     b = job // split // Hkv
     g = job // split % Hkv
@@ -463,7 +455,7 @@ def gated_hidden(gate, up, act, beta, parts):
     hid = np.empty((B, M), f32)
     gated = gate.shape[0] > 0
     for c in prange(parts):
-        lo, hi = _chunk(B, parts, c)
+        lo, hi = row_chunk(B, parts, c)
         for b in range(lo, hi):
             for m in range(M):
                 if gated:
@@ -478,7 +470,7 @@ def logits_step(x, norm_w, unit_offset, eps, embedding, s_emb, soft_cap, out, pa
     """out (B, V) = RMSNorm(x) @ embedding^T, then soft_cap * tanh(. / soft_cap) if soft_cap > 0."""
     n = rms_norm(x, norm_w, unit_offset, eps)
     for c in prange(parts):
-        lo, hi = _chunk(embedding.shape[0], parts, c)
+        lo, hi = row_chunk(embedding.shape[0], parts, c)
         _linear_rows(n, embedding, s_emb, np.empty(0, f32), out, False, lo, hi)
     if soft_cap > 0:
         B, V = out.shape

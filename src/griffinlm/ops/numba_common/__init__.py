@@ -10,11 +10,13 @@ kernel runs. Kernels are compiled on first use and cached on disk (cache=True).
 from __future__ import annotations
 
 import collections
+import ctypes
 import functools
 import math
 import os
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..buffer_pool import empty_float32
@@ -61,6 +63,12 @@ def threads() -> int:
     import numba
 
     return numba.get_num_threads()
+
+
+def numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a contiguous float32 CPU tensor's memory (no copy). Not `.numpy()`, which
+    would make a parameter's storage non-resizable for good (FSDP frees parameters by resizing)."""
+    return np.ctypeslib.as_array(ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float)), shape=tuple(t.shape))
 
 
 def numpy_copy(t: torch.Tensor | None, size: int):

@@ -14,6 +14,9 @@ f32 = np.float32
 # Fast-math flags of the kernels that call `exp32`. No 'reassoc': it would fold the two-part
 # ln 2 of exp32's range reduction back together.
 FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
+# Those of the kernels whose inner loops are dot products: 'reassoc' lets LLVM split each one
+# over several vector accumulators.
+DOT_FASTMATH = FASTMATH | {"reassoc"}
 
 
 @njit(fastmath=FASTMATH, inline="always")
@@ -31,6 +34,14 @@ def exp32(x):
     p = p * r + f32(5.0000001201e-1)
     p = p * r * r + r + f32(1.0)
     return p * np.int32((np.int32(n) + 127) << 23).view(np.float32)
+
+
+@njit(inline="always")
+def row_chunk(size, parts, c):
+    """[lo, hi): chunk c of `parts` near-equal chunks of range(size) (empty past the end)."""
+    step = (size + parts - 1) // parts
+    lo = min(size, c * step)
+    return lo, min(size, lo + step)
 
 
 @njit(inline="always")
