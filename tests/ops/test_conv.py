@@ -1,5 +1,7 @@
 """Causal depthwise Conv1D (ops/conv): numba kernels and the torch paths against a
 float64 loop over every (token, lag), with document limits, carried state and all gradients."""
+import sys
+
 import pytest
 import torch
 
@@ -155,6 +157,44 @@ def run_triton_checks(device: str) -> None:
     assert y.dtype == torch.bfloat16 and y.is_contiguous()
     ref = causal_conv1d_reference(xt.double().cpu(), w.double(), b.double(), lags)
     torch.testing.assert_close(y.double().cpu(), ref, rtol=1e-2, atol=1e-2)
+
+
+def run_overflow_checks(device: str) -> None:
+    """impl='triton' with x, the carried state and the upstream gradient as views whose element
+    offsets pass 2^31 through the batch, time and channel terms (`test_scan_triton.huge_view`:
+    virtual mappings, only the touched pages committed), packed documents: the output and the
+    gradients of x, weight and bias equal the float64 loop's (an int32 offset would wrap)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_scan_triton import HUGE_SHAPE, HUGE_STRIDES, huge_view
+
+    B, T, C = HUGE_SHAPE
+    W = 4
+    for strides in HUGE_STRIDES:
+        x, w, b = inputs(B, T, C, W, True, seed=5)
+        lags = packed_lags(B, T, seed=5)
+        lags = lags + 2 * (torch.arange(T) == lags)  # the first document began in the state
+        gen = torch.Generator().manual_seed(6)
+        state, g = torch.randn(B, W - 1, C, generator=gen), torch.randn(B, T, C, generator=gen)
+        xv = huge_view(x, strides).requires_grad_()
+        sv = huge_view(state, (strides[0], C, 1))  # its batch term passes 2^31
+        gv = huge_view(g, strides)
+        wl, bl = w.clone().requires_grad_(), b.clone().requires_grad_()
+        y = causal_conv1d(xv, wl, bl, lags, sv, impl="triton")
+        got = torch.autograd.grad(y, (xv, wl, bl), gv)
+        ins64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        ref = naive(*ins64, lags, state.double())
+        want = torch.autograd.grad(ref, ins64, g.double())
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{strides} y: {m}")
+        for name, a, r in zip(("dx", "dweight", "dbias"), got, want):
+            torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4, msg=lambda m: f"{strides} {name}: {m}")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MAP_NORESERVE mappings are Linux-only here")
+def test_triton_conv_offsets_past_2_31_interpreter():
+    run_in_triton_interpreter("test_conv", "run_overflow_checks", timeout=300)
 
 
 @pytest.mark.slow
