@@ -314,3 +314,49 @@ def test_chat_uses_the_tokenizers_chat_template(tmp_path):
         server.should_exit = True
         thread.join(10)
         engine.stop()
+
+
+def test_copies_of_a_prompt_prefill_it_once_and_sample_as_separate_requests(monkeypatch):
+    """OpenAI's n: the copies of a prompt take its first copy's state after the prompt instead of
+    prefilling it again, and each samples exactly what the same request alone would; a copy
+    whose leader is cancelled before its prompt is in prefills the prompt itself."""
+    from griffinlm.serve.engine import Sampling
+
+    torch.manual_seed(0)
+    model = LanguageModel(CFG).eval()
+    prompt = [TOK.bos_id] + [int(t) for t in TOK.encode("def main(argv):\n    return 0\n" * 2)]  # 16-token chunks
+    prefilled = []
+    for name in ("prefill", "prefill_many"):
+        fn = getattr(model, name)
+
+        def counted(tokens, *a, _fn=fn, **k):
+            prefilled.append(sum(len(t) for t in tokens) if isinstance(tokens, list) else tokens.numel())
+            return _fn(tokens, *a, **k)
+        monkeypatch.setattr(model, name, counted)
+
+    def run(copies: bool, cancel_leader: bool = False) -> list[list[int]]:
+        engine = Engine(model, TOK, max_batch=4, max_queue=8, chunk_tokens=16, background=False)
+        out: dict[int, list[int]] = {}
+        reqs = []
+        for j in range(3):
+            s = Sampling(max_tokens=12, temperature=1.0, seed=10 + j, ignore_eos=True)
+            reqs.append(engine.submit(prompt, s, lambda ev, j=j: ev.kind == "token" and out.setdefault(j, []).append(
+                ev.token), copy_of=reqs[0] if copies and j else None))
+        if cancel_leader:
+            engine.cancel(reqs[0])
+        prefilled.clear()
+        worker = threading.Thread(target=engine.run_until_idle, daemon=True)
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "the engine did not finish"
+        assert engine.active() == 0 and not engine.copying
+        return [out.get(j, []) for j in range(3)]
+
+    alone = run(copies=False)
+    assert sum(prefilled) == 3 * len(prompt)
+    assert len({tuple(t) for t in alone}) == 3  # three seeds, three samples
+    assert run(copies=True) == alone
+    assert sum(prefilled) == len(prompt)  # the prompt went through the model once
+    fallback = run(copies=True, cancel_leader=True)
+    assert fallback[0] == [] and fallback[1:] == alone[1:]
+    assert sum(prefilled) == 2 * len(prompt)  # each remaining copy prefilled it

@@ -127,8 +127,10 @@ def create_app(engine: Engine, model_name: str, metrics: ServeMetrics | None = N
             for i, prompt in enumerate(p for p in prompts for _ in range(n)):
                 s = Sampling(**{**sampling.__dict__, "stop": list(sampling.stop),
                                 "seed": None if sampling.seed is None else sampling.seed + i % n})
+                # the n copies of a prompt prefill it once (the first leads)
                 reqs.append(engine.submit(prompt, s, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait,
-                                                                                          (i, ev))))
+                                                                                          (i, ev)),
+                                          copy_of=reqs[i - i % n] if i % n else None))
         except (QueueFull, BadRequest):
             for r in reqs:
                 engine.cancel(r)

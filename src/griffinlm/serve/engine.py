@@ -14,7 +14,9 @@ a kept prefix restores the longest one and prefills only the rest. A Griffin/Haw
 constant size; a global-attention state grows with its prefix, and its size is what counts. A request leaves its slot the
 moment it finishes (EOS, a stop string, `max_tokens`) or is cancelled (a client that went
 away); the next iteration can hand the slot to a queued request. Nothing waits for a batch to
-drain.
+drain. Copies of one prompt (OpenAI's `n`) prefill it once: the first copy leads, the others
+wait in their slots for its state after the prompt (a slot snapshot) and its last logits, then
+each samples on with its own generator; a copy whose leader failed before that prefills itself.
 """
 from __future__ import annotations
 
@@ -134,8 +136,13 @@ class Request:
     from the engine thread)."""
 
     def __init__(self, prompt: list[int], sampling: Sampling, sink: Callable[[Event], None], tokenizer,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", leader: "Request | None" = None) -> None:
         self.id = next(_ids)
+        # A copy of `leader`'s prompt takes its state after the prompt instead of prefilling.
+        self.leader = leader
+        self.copies_waiting = 0  # as a leader: copies that have not taken its state yet
+        self.shared: tuple[dict, torch.Tensor] | None = None  # (slot snapshot, last logits) for them
+        self.gone = False  # left (failed or cancelled) before its prompt was in
         self.prompt, self.sampling, self.sink = prompt, sampling, sink
         self.generator = None
         if sampling.seed is not None:  # on the model's device: it draws from the logits there
@@ -177,6 +184,7 @@ class Engine:
         self.free = list(range(max_batch))[::-1]
         self.queue: collections.deque[Request] = collections.deque()
         self.prefilling: list[Request] = []
+        self.copying: list[Request] = []  # copies in their slots, waiting for their leader's prompt state
         self.decoding: list[Request] = []
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.cond = threading.Condition()
@@ -187,8 +195,13 @@ class Engine:
             self.thread.start()
 
     # --- called from other threads -----------------------------------------------------------
-    def submit(self, prompt: list[int], sampling: Sampling, sink: Callable[[Event], None]) -> Request:
+    def submit(self, prompt: list[int], sampling: Sampling, sink: Callable[[Event], None],
+               copy_of: Request | None = None) -> Request:
+        """Queues a generation; `copy_of`: an earlier request of this engine with the same prompt,
+        whose prefill this one shares (OpenAI's `n`)."""
         sampling.check()
+        if copy_of is not None and copy_of.prompt != prompt:
+            raise ValueError("a copy must have its leader's prompt")
         if not prompt:
             raise BadRequest("the prompt has no tokens", "prompt")
         if any(not 0 <= t < self.model.config.vocab_size for t in prompt):
@@ -199,13 +212,15 @@ class Engine:
         if self.global_attention and len(prompt) + sampling.max_tokens > self.max_length:
             raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds this "
                              f"model's context of {self.max_length} tokens", "max_tokens")
-        req = Request(prompt, sampling, sink, self.tok, self.device)
+        req = Request(prompt, sampling, sink, self.tok, self.device, leader=copy_of)
         with self.cond:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
             if len(self.queue) >= self.max_queue + len(self.free):
                 raise QueueFull(f"all {self.max_batch} slots are busy and {len(self.queue)} requests are queued")
             self.queue.append(req)
+            if copy_of is not None:
+                copy_of.copies_waiting += 1
             self.cond.notify()
         self._gauges()
         return req
@@ -236,7 +251,7 @@ class Engine:
         """Runs the scheduler in the calling thread until no request is queued or running (an
         engine made with background=False: the caller's thread does all the model's work)."""
         with torch.no_grad(), (self.precision or contextlib.nullcontext()):
-            while self.queue or self.prefilling or self.decoding:
+            while self.queue or self.prefilling or self.copying or self.decoding:
                 self._iteration()
 
     def active(self) -> int:
@@ -249,9 +264,9 @@ class Engine:
             self.precision.__enter__()  # autocast state is per thread: this one runs the model
         while True:
             with self.cond:
-                while not (self.queue or self.prefilling or self.decoding or self.stopping):
+                while not (self.queue or self.prefilling or self.copying or self.decoding or self.stopping):
                     self.cond.wait()
-                if self.stopping and not (self.prefilling or self.decoding):
+                if self.stopping and not (self.prefilling or self.copying or self.decoding):
                     for r in self.queue:
                         r.sink(Event("error", message="the server is shutting down"))
                     self.queue.clear()
@@ -263,11 +278,17 @@ class Engine:
             while self.queue and self.free:
                 req = self.queue.popleft()
                 if req.cancelled:
+                    req.gone = True  # its copies, if any, prefill the prompt themselves
+                    if req.leader is not None:
+                        req.leader.copies_waiting -= 1
                     continue
                 req.slot = self.free.pop()
                 self.cache.reset([req.slot])
-                self._restore_prefix(req)
-                self.prefilling.append(req)
+                if req.leader is not None and not req.leader.gone:
+                    self.copying.append(req)
+                else:
+                    self._restore_prefix(req)
+                    self.prefilling.append(req)
         self._gauges()
         budget = self.chunk_tokens
         chunks: list[tuple[Request, int]] = []  # this iteration's prompt chunks, oldest request first
@@ -307,6 +328,8 @@ class Engine:
                 self._fail(req, e)
                 continue
             self._prefilled(req, n, logits)
+        for req in list(self.copying):
+            self._take_leaders_prompt(req)
         rows = []
         for req in list(self.decoding):
             if req.cancelled:
@@ -335,9 +358,35 @@ class Engine:
         if self.prefixes is not None and req.prefilled % self.chunk_tokens == 0 and req.prefilled < len(req.prompt):
             self.prefixes.put(PrefixCache.key(req.prompt[:req.prefilled]), self.cache.snapshot(req.slot))
         if req.prefilled == len(req.prompt):
+            if req.copies_waiting:
+                req.shared = (self.cache.snapshot(req.slot), logits.detach().clone())
             self.prefilling.remove(req)
             self.decoding.append(req)
             self._emit(req, logits)
+
+    def _take_leaders_prompt(self, req: Request) -> None:
+        """A copy in `copying`: once its leader's prompt is in, its slot takes the leader's state
+        after the prompt and it samples its first token from the same logits; if the leader left
+        before that, it prefills the prompt itself."""
+        lead = req.leader
+        if req.cancelled:
+            lead.copies_waiting -= 1
+            self._leave(req, None)
+        elif lead.shared is not None:
+            self.copying.remove(req)
+            self.cache.restore(req.slot, lead.shared[0])
+            req.prefilled = len(req.prompt)
+            lead.copies_waiting -= 1
+            logits = lead.shared[1]
+            if lead.copies_waiting == 0:
+                lead.shared = None
+            self.decoding.append(req)
+            self._emit(req, logits)
+        elif lead.gone:
+            self.copying.remove(req)
+            lead.copies_waiting -= 1
+            self._restore_prefix(req)
+            self.prefilling.append(req)
 
     def _restore_prefix(self, req: Request) -> None:
         """Puts the longest kept prefix of the prompt (a multiple of chunk_tokens, shorter than the
@@ -392,7 +441,9 @@ class Engine:
 
     def _leave(self, req: Request, finish_reason: str | None) -> None:
         """Frees the request's slot; sends "done" unless it was cancelled."""
-        for group in (self.prefilling, self.decoding):
+        if req.prefilled < len(req.prompt):
+            req.gone = True  # its copies, if any, prefill the prompt themselves
+        for group in (self.prefilling, self.copying, self.decoding):
             if req in group:
                 group.remove(req)
         if req.slot is not None:
