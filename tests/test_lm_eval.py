@@ -200,11 +200,18 @@ def test_sampling_settings_follow_the_hf_model():
         sampling_settings({"do_sample": True, "temperature": 0.0})
 
 
-def test_repeats_differ_and_reruns_reproduce():
+def test_repeats_differ_and_reruns_reproduce(monkeypatch):
+    from griffinlm.serve.engine import Engine
+
+    copies = []
+    submit = Engine.submit
+    monkeypatch.setattr(Engine, "submit", lambda self, *a, copy_of=None: copies.append(copy_of is not None)
+                        or submit(self, *a, copy_of=copy_of))
     adapter = HarnessAdapter(tiny_model(), ByteTokenizer(), batch_size=4, progress=False)
     kwargs = {"do_sample": True, "temperature": 1.0, "max_gen_toks": 12}
     a, b = _req("def f(", kwargs, doc_id=0), _req("import ", kwargs, doc_id=1)
     first = adapter.generate_until([a, a, a, a, b])
+    assert copies == [False, True, True, True, False]  # the repeats share the first one's prefill
     assert len(set(first[:4])) == 4  # one generator per (request, repeat)
     assert adapter.generate_until([a, a, a, a, b]) == first
     alone = adapter.generate_until([b])  # a request's samples do not depend on its batch

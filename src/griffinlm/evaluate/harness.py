@@ -225,7 +225,7 @@ class HarnessAdapter:
         from ..serve.engine import Engine, Event, Sampling
 
         out: list[str | None] = [None] * len(requests)
-        jobs = []  # (request index, prompt ids, Sampling)
+        jobs = []  # (request index, the request's id (its repeats share it), prompt ids, Sampling)
         repeats: dict[int, int] = {}  # the harness passes a `repeats: k` request k times (one object)
         for i, req in enumerate(requests):
             kwargs = dict(req.args[1]) if len(req.args) > 1 and req.args[1] else {}
@@ -243,17 +243,18 @@ class HarnessAdapter:
             repeats[id(req)] = repeat + 1
             key = (getattr(req, "task_name", None), getattr(req, "doc_id", None), getattr(req, "idx", None))
             key = key if key[1] is not None else ("request", i)
-            jobs.append((i, ids, Sampling(max_tokens=s["max_tokens"], temperature=s["temperature"],
-                                          top_k=s["top_k"], top_p=s["top_p"], stop=s["until"],
-                                          seed=request_seed(self.seed, key, repeat))))
+            jobs.append((i, id(req), ids, Sampling(max_tokens=s["max_tokens"], temperature=s["temperature"],
+                                                   top_k=s["top_k"], top_p=s["top_p"], stop=s["until"],
+                                                   seed=request_seed(self.seed, key, repeat))))
         if not jobs:
             return [o or "" for o in out]
         slots = self.max_batch_size if self.batch_size == "auto" else int(self.batch_size)
         slots = min(slots, len(jobs))
-        longest = max(len(ids) + s.max_tokens for _, ids, s in jobs)
+        longest = max(len(ids) + s.max_tokens for _, _, ids, s in jobs)
         # a large prompt budget: offline, every waiting prompt is prefilled in one batched forward
+        first_prompts = sum(len(ids) for _, _, ids, _ in jobs[:slots])
         engine = Engine(self.model, self.tok, max_batch=slots, max_queue=len(jobs), max_length=longest,
-                        max_prompt_tokens=longest, chunk_tokens=max(512, sum(len(ids) for _, ids, _ in jobs[:slots])),
+                        max_prompt_tokens=longest, chunk_tokens=max(512, first_prompts),
                         precision=autocast(self.device, self.dtype), background=False)
         errors: list[str] = []
         bar = self._bar(len(jobs), "generate_until", disable_tqdm)
@@ -272,8 +273,12 @@ class HarnessAdapter:
             return sink
 
         try:
-            for i, ids, sampling in jobs:
-                engine.submit(ids, sampling, sink_for(i))
+            firsts: dict[int, object] = {}  # the repeats of one request prefill its context once
+            for i, key, ids, sampling in jobs:
+                first = firsts.get(key)
+                copy_of = first if first is not None and first.prompt == ids else None
+                sub = engine.submit(ids, sampling, sink_for(i), copy_of=copy_of)
+                firsts.setdefault(key, sub)
             engine.run_until_idle()  # in this thread (see `Engine`)
         finally:
             engine.stop()
