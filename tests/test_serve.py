@@ -316,14 +316,18 @@ def test_chat_uses_the_tokenizers_chat_template(tmp_path):
         engine.stop()
 
 
-def test_copies_of_a_prompt_prefill_it_once_and_sample_as_separate_requests(monkeypatch):
+@pytest.mark.parametrize("arch", ["griffin", "transformer"])
+def test_copies_of_a_prompt_prefill_it_once_and_sample_as_separate_requests(arch, monkeypatch):
     """OpenAI's n: the copies of a prompt take its first copy's state after the prompt instead of
-    prefilling it again, and each samples exactly what the same request alone would; a copy
-    whose leader is cancelled before its prompt is in prefills the prompt itself."""
+    prefilling it again (a global-attention state too), and each samples exactly what the same
+    request alone would; a copy whose leader is cancelled before its prompt is in prefills the
+    prompt itself."""
     from griffinlm.serve.engine import Sampling
 
     torch.manual_seed(0)
-    model = LanguageModel(CFG).eval()
+    cfg = CFG if arch == "griffin" else ModelConfig.preset("transformer-tiny", width=64, depth=2, num_heads=2,
+                                                             vocab_size=259, max_position=256)
+    model = LanguageModel(cfg).eval()
     prompt = [TOK.bos_id] + [int(t) for t in TOK.encode("def main(argv):\n    return 0\n" * 2)]  # 16-token chunks
     prefilled = []
     for name in ("prefill", "prefill_many"):
