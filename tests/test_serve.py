@@ -364,3 +364,14 @@ def test_copies_of_a_prompt_prefill_it_once_and_sample_as_separate_requests(arch
     fallback = run(copies=True, cancel_leader=True)
     assert fallback[0] == [] and fallback[1:] == alone[1:]
     assert sum(prefilled) == 2 * len(prompt)  # each remaining copy prefilled it
+    # a copy submitted once its leader's prompt is in (nothing kept for it) prefills it too
+    engine = Engine(model, TOK, max_batch=2, max_queue=2, chunk_tokens=16, background=False)
+    got: list[int] = []
+    lead = engine.submit(prompt, Sampling(max_tokens=3, temperature=1.0, seed=10, ignore_eos=True), lambda ev: None)
+    engine.run_until_idle()
+    engine.submit(prompt, Sampling(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True),
+                  lambda ev: ev.kind == "token" and got.append(ev.token), copy_of=lead)
+    worker = threading.Thread(target=engine.run_until_idle, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive() and got == alone[1]

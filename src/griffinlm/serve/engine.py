@@ -284,7 +284,7 @@ class Engine:
                     continue
                 req.slot = self.free.pop()
                 self.cache.reset([req.slot])
-                if req.leader is not None and not req.leader.gone:
+                if req.leader is not None and self._waits_for_leader(req.leader):
                     self.copying.append(req)
                 else:
                     self._restore_prefix(req)
@@ -358,33 +358,44 @@ class Engine:
         if self.prefixes is not None and req.prefilled % self.chunk_tokens == 0 and req.prefilled < len(req.prompt):
             self.prefixes.put(PrefixCache.key(req.prompt[:req.prefilled]), self.cache.snapshot(req.slot))
         if req.prefilled == len(req.prompt):
-            if req.copies_waiting:
-                req.shared = (self.cache.snapshot(req.slot), logits.detach().clone())
+            with self.cond:
+                if req.copies_waiting:
+                    req.shared = (self.cache.snapshot(req.slot), logits.detach().clone())
             self.prefilling.remove(req)
             self.decoding.append(req)
             self._emit(req, logits)
 
+    @staticmethod
+    def _waits_for_leader(lead: Request) -> bool:
+        """Whether a copy of `lead` should wait for its state: kept for copies, or still to come
+        (not when the leader left first, nor when its prompt went in before the copy was
+        submitted, so that nothing was kept for it)."""
+        return lead.shared is not None or not (lead.gone or lead.prefilled >= len(lead.prompt))
+
     def _take_leaders_prompt(self, req: Request) -> None:
         """A copy in `copying`: once its leader's prompt is in, its slot takes the leader's state
-        after the prompt and it samples its first token from the same logits; if the leader left
-        before that, it prefills the prompt itself."""
+        after the prompt and it samples its first token from the same logits; if there is no such
+        state for it (see `_waits_for_leader`), it prefills the prompt itself."""
         lead = req.leader
         if req.cancelled:
-            lead.copies_waiting -= 1
+            with self.cond:  # submit() counts copies from another thread
+                lead.copies_waiting -= 1
             self._leave(req, None)
         elif lead.shared is not None:
             self.copying.remove(req)
             self.cache.restore(req.slot, lead.shared[0])
             req.prefilled = len(req.prompt)
-            lead.copies_waiting -= 1
             logits = lead.shared[1]
-            if lead.copies_waiting == 0:
-                lead.shared = None
+            with self.cond:
+                lead.copies_waiting -= 1
+                if lead.copies_waiting == 0:
+                    lead.shared = None
             self.decoding.append(req)
             self._emit(req, logits)
-        elif lead.gone:
+        elif not self._waits_for_leader(lead):
             self.copying.remove(req)
-            lead.copies_waiting -= 1
+            with self.cond:
+                lead.copies_waiting -= 1
             self._restore_prefix(req)
             self.prefilling.append(req)
 
