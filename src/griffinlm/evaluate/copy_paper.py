@@ -18,7 +18,7 @@ import numpy as np
 from ..data import make_task
 from ..model import LanguageModel
 from .archs import ARCH_LABELS, arch_config, matched_archs
-from .copy_retrieval import NAME, TASK_LABELS, CopyRetrievalSettings, task_accuracy, task_settings
+from .copy_retrieval import BUDGETS, NAME, TASK_LABELS, CopyRetrievalSettings, task_accuracy, task_settings
 from .intervals import one_run_verdict
 from .report import md_table, pyplot, write_report
 from .rounds import RoundRun, RoundSpec, train_rounds
@@ -154,6 +154,7 @@ def _write(ctx: StudyContext, s: CopyRetrievalSettings, results: dict[str, dict[
         sections.append(text)
         verdicts.extend(_verdicts(s, task_name, res, train_len, cap, chance))
     caps = ", ".join(f"{TASK_LABELS[t]} {task_value(s, t, 'max_steps')}" for t in s.tasks)
+    default_caps = ", ".join(f"{TASK_LABELS[t]} {task_value(BUDGETS['paper'], t, 'max_steps')}" for t in s.tasks)
     intro = (f"The paper's synthetic setting: every architecture has {s.depth} blocks of width {s.width} "
              f"({s.num_heads} heads, MLP expansion 3, each architecture's own block pattern; "
              f"{'parameters matched through the MLP width' if s.match_params else 'one shape for all, as in the paper'}"
@@ -162,8 +163,8 @@ def _write(ctx: StudyContext, s: CopyRetrievalSettings, results: dict[str, dict[
              f"rule: train in rounds, evaluate greedy answer-token accuracy at the training length on "
              f"{s.eval_examples} held-out examples after each round, stop once it reaches {s.target_accuracy} "
              f"or at the step cap; then test at the training context times {list(s.test_factors)}. The step "
-             f"caps ({caps}) "
-             f"are what one CPU core finished in about an hour; a round's result does not depend on the cap, so "
+             f"caps of this run: {caps} (the budget's own, {default_caps}, are about an hour of one CPU core); "
+             f"a round's result does not depend on the cap, so "
              f"`--set max_steps=N copy_max_steps=N` continues from the cached rounds. Chance is "
              f"1/vocab = {chance:.4f} per answer token. The paper's claims about these tasks presuppose that "
              f"the Transformer solves each task at the training length; where it did not, the comparison is "
