@@ -338,6 +338,12 @@ def test_copies_of_a_prompt_prefill_it_once_and_sample_as_separate_requests(arch
             return _fn(tokens, *a, **k)
         monkeypatch.setattr(model, name, counted)
 
+    def run_until_idle(engine: Engine) -> None:
+        worker = threading.Thread(target=engine.run_until_idle, daemon=True)
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "the engine did not finish"
+
     def run(copies: bool, cancel_leader: bool = False) -> list[list[int]]:
         engine = Engine(model, TOK, max_batch=4, max_queue=8, chunk_tokens=16, background=False)
         out: dict[int, list[int]] = {}
@@ -349,10 +355,7 @@ def test_copies_of_a_prompt_prefill_it_once_and_sample_as_separate_requests(arch
         if cancel_leader:
             engine.cancel(reqs[0])
         prefilled.clear()
-        worker = threading.Thread(target=engine.run_until_idle, daemon=True)
-        worker.start()
-        worker.join(60)
-        assert not worker.is_alive(), "the engine did not finish"
+        run_until_idle(engine)
         assert engine.active() == 0 and not engine.copying
         return [out.get(j, []) for j in range(3)]
 
@@ -371,7 +374,5 @@ def test_copies_of_a_prompt_prefill_it_once_and_sample_as_separate_requests(arch
     engine.run_until_idle()
     engine.submit(prompt, Sampling(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True),
                   lambda ev: ev.kind == "token" and got.append(ev.token), copy_of=lead)
-    worker = threading.Thread(target=engine.run_until_idle, daemon=True)
-    worker.start()
-    worker.join(60)
-    assert not worker.is_alive() and got == alone[1]
+    run_until_idle(engine)
+    assert got == alone[1]

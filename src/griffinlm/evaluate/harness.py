@@ -222,7 +222,7 @@ class HarnessAdapter:
         return out
 
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
-        from ..serve.engine import Engine, Event, Sampling
+        from ..serve.engine import Engine, Event, Request, Sampling
 
         out: list[str | None] = [None] * len(requests)
         jobs = []  # (request index, the request's id (its repeats share it), prompt ids, Sampling)
@@ -273,7 +273,7 @@ class HarnessAdapter:
             return sink
 
         try:
-            firsts: dict[int, object] = {}  # the repeats of one request prefill its context once
+            firsts: dict[int, Request] = {}  # the repeats of one request prefill its context once
             for i, key, ids, sampling in jobs:
                 first = firsts.get(key)
                 copy_of = first if first is not None and first.prompt == ids else None

@@ -280,7 +280,7 @@ class Engine:
                 if req.cancelled:
                     req.gone = True  # its copies, if any, prefill the prompt themselves
                     if req.leader is not None:
-                        req.leader.copies_waiting -= 1
+                        self._release_leader(req)
                     continue
                 req.slot = self.free.pop()
                 self.cache.reset([req.slot])
@@ -358,9 +358,10 @@ class Engine:
         if self.prefixes is not None and req.prefilled % self.chunk_tokens == 0 and req.prefilled < len(req.prompt):
             self.prefixes.put(PrefixCache.key(req.prompt[:req.prefilled]), self.cache.snapshot(req.slot))
         if req.prefilled == len(req.prompt):
-            with self.cond:
-                if req.copies_waiting:
-                    req.shared = (self.cache.snapshot(req.slot), logits.detach().clone())
+            with self.cond:  # submit() counts copies from another thread
+                keep = req.copies_waiting > 0
+            if keep:  # a copy submitted from now on finds nothing kept and prefills itself
+                req.shared = (self.cache.snapshot(req.slot), logits.detach().clone())
             self.prefilling.remove(req)
             self.decoding.append(req)
             self._emit(req, logits)
@@ -378,26 +379,30 @@ class Engine:
         state for it (see `_waits_for_leader`), it prefills the prompt itself."""
         lead = req.leader
         if req.cancelled:
-            with self.cond:  # submit() counts copies from another thread
-                lead.copies_waiting -= 1
+            self._release_leader(req)
             self._leave(req, None)
         elif lead.shared is not None:
+            snapshot, logits = lead.shared
             self.copying.remove(req)
-            self.cache.restore(req.slot, lead.shared[0])
+            self.cache.restore(req.slot, snapshot)
             req.prefilled = len(req.prompt)
-            logits = lead.shared[1]
-            with self.cond:
-                lead.copies_waiting -= 1
-                if lead.copies_waiting == 0:
-                    lead.shared = None
+            self._release_leader(req)
             self.decoding.append(req)
             self._emit(req, logits)
         elif not self._waits_for_leader(lead):
             self.copying.remove(req)
-            with self.cond:
-                lead.copies_waiting -= 1
+            self._release_leader(req)
             self._restore_prefix(req)
             self.prefilling.append(req)
+
+    def _release_leader(self, copy: Request) -> None:
+        """`copy` no longer waits for its leader's state (it took it, left, or prefills itself); the
+        leader lets the kept state go once no copy waits."""
+        lead = copy.leader
+        with self.cond:  # submit() counts copies from another thread
+            lead.copies_waiting -= 1
+            if lead.copies_waiting == 0:
+                lead.shared = None
 
     def _restore_prefix(self, req: Request) -> None:
         """Puts the longest kept prefix of the prompt (a multiple of chunk_tokens, shorter than the
