@@ -1,6 +1,6 @@
 """Layer-kernel benchmark: fused RG-LRU vs its torch composition; blocked vs dense local attention.
 
-    python benchmarks/layers.py [--repeats N] [--skip-dense-16k] [--block-sweep]
+    python benchmarks/layers.py [--repeats N] [--skip-dense-16k] [--block-sweep [--backward]]
 
 RG-LRU bound (same-run torch copy bandwidth): forward reads x, gate_r, gate_i and writes h
 (4 tensors); backward reads x, gate_r, gate_i, h, g and writes dx, dgate_r, dgate_i (8).
@@ -9,8 +9,9 @@ T <= window `causal_attention` itself picks SDPA is_causal); each configuration 
 fresh subprocess. Memory is not measured here: the blocked path allocates O(T (window +
 block)) for its key blocks and a mask of the first window's blocks only (a (T, window + block)
 one with documents), the dense one a (T, T) mask. `--block-sweep` times the blocked path's
-query block length over windows and head counts, all blocks interleaved in one process
-(`MQA_BLOCK` and `MHA_BLOCK` in `griffinlm/ops/attention/__init__.py` were chosen from it).
+query block length over windows and head counts, all blocks interleaved in one process, forward
+only or (`--backward`) forward + backward on training shapes (the block lengths in
+`griffinlm/ops/attention/__init__.py` were chosen from it).
 """
 from __future__ import annotations
 
@@ -75,22 +76,39 @@ def bench_attention(repeats: int, skip_dense_16k: bool) -> None:
         print(f"| {T} | {b['seconds'] * 1e3:.0f} | {dense_ms} | {speed} |")
 
 
-def bench_block_sweep(repeats: int) -> None:
+FORWARD_SWEEP = [(1, 2048, 4, 1, 128, 128), (1, 4096, 4, 1, 512, 128), (1, 4096, 8, 1, 1024, 128),
+                 (1, 16384, 8, 1, 1024, 128), (1, 8192, 8, 1, 2048, 128), (1, 4096, 4, 4, 512, 128),
+                 (1, 4096, 8, 8, 1024, 128), (1, 4096, 8, 2, 1024, 128)]
+# Training shapes: benchmarks/train.py's and finetune.py's width-512 Griffin (B=2, T=1024, window 512),
+# griffin-tiny (head dim 64, window 256), a short window, long windows and more kv heads.
+BACKWARD_SWEEP = [(2, 1024, 4, 1, 512, 128), (1, 2048, 4, 1, 1024, 128), (4, 512, 4, 1, 256, 64),
+                  (2, 2048, 4, 1, 128, 128), (1, 4096, 8, 1, 2048, 128), (2, 1024, 8, 8, 512, 64),
+                  (1, 2048, 8, 2, 1024, 128)]
+
+
+def bench_block_sweep(repeats: int, backward: bool) -> None:
     blocks = (32, 64, 128, 256)
-    print("\n### Blocked local attention: query block length (B=1, hd=128), forward ms\n")
-    print("| T | heads | kv heads | window | " + " | ".join(f"block {b}" for b in blocks) + " |")
-    print("|---|---|---|---|" + "---|" * len(blocks))
-    for T, H, Hkv, W in [(2048, 4, 1, 128), (4096, 4, 1, 512), (4096, 8, 1, 1024), (16384, 8, 1, 1024),
-                         (8192, 8, 1, 2048), (4096, 4, 4, 512), (4096, 8, 8, 1024), (4096, 8, 2, 1024)]:
-        q = torch.randn(1, H, T, 128)
-        k, v = torch.randn(1, Hkv, T, 128), torch.randn(1, Hkv, T, 128)
+    what = "forward + backward (torch.autograd.grad)" if backward else "forward"
+    print(f"\n### Blocked local attention: query block length, {what} ms\n")
+    print("| B | T | heads | kv heads | window | head dim | " + " | ".join(f"block {b}" for b in blocks) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(blocks))
+    for B, T, H, Hkv, W, hd in BACKWARD_SWEEP if backward else FORWARD_SWEEP:
+        q = torch.randn(B, H, T, hd, requires_grad=backward)
+        k, v = (torch.randn(B, Hkv, T, hd, requires_grad=backward) for _ in range(2))
+        g = torch.randn(B, H, T, hd)
+
+        def run(b: int) -> None:
+            out = causal_attention(q, k, v, W, block=b, impl="blocked")
+            if backward:
+                torch.autograd.grad(out, (q, k, v), g)
+
         best = {b: float("inf") for b in blocks}
         for _ in range(repeats):  # interleaved: the host's speed drifts between consecutive timings
             for b in blocks:
-                best[b] = min(best[b], best_time(lambda: causal_attention(q, k, v, W, block=b, impl="blocked"), 1))
+                best[b] = min(best[b], best_time(lambda: run(b), 1))
         top = min(best.values())
         cells = " | ".join(f"**{best[b] * 1e3:.1f}**" if best[b] == top else f"{best[b] * 1e3:.1f}" for b in blocks)
-        print(f"| {T} | {H} | {Hkv} | {W} | {cells} |")
+        print(f"| {B} | {T} | {H} | {Hkv} | {W} | {hd} | {cells} |", flush=True)
 
 
 def main() -> None:
@@ -101,10 +119,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-dense-16k", action="store_true")
     p.add_argument("--block-sweep", action="store_true", help="only the attention block-length sweep")
+    p.add_argument("--backward", action="store_true", help="with --block-sweep: time forward + backward")
     args = p.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.block_sweep:
-        bench_block_sweep(args.repeats)
+        bench_block_sweep(args.repeats, args.backward)
         return
     for B, T, D in [(4, 4096, 1024), (4, 512, 2560)]:
         bench_rglru(B, T, D, args.repeats)

@@ -81,6 +81,28 @@ def test_auto_measures_once_per_shape_class_and_remembers(tmp_path, monkeypatch)
     assert gb.CHOICES.get("forward float32 M128 N1536 K512") == chosen["forward float32 M128 N1536 K512"]
 
 
+@pytest.mark.parametrize("M,N,K", [(2051, 16, 40), (64, 300, 16), (37, 5, 9)])
+def test_split_weight_gradient_equals_the_product(M, N, K, tmp_path, monkeypatch):
+    """The "mkl_split" backend of the weight gradient (chunks over M, either orientation, a ragged
+    tail): equal to g^T x, stored and read back as a choice, and used when it is the one chosen."""
+    from griffinlm.ops.linear import grad_weight_fp32, split_reduction
+
+    g, x = torch.randn(M, N, dtype=torch.float64), torch.randn(M, K, dtype=torch.float64)
+    for chunks in (2, 3, 4):
+        torch.testing.assert_close(split_reduction(g, x, chunks), g.t() @ x)
+    monkeypatch.setenv("GRIFFINLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(gb, "CHOICES", gb.Choices())
+    monkeypatch.setattr(gb, "MIN_MNK", 0)
+    monkeypatch.setattr(gb, "fastest", lambda times: "mkl_split" if "mkl_split" in times else "mkl")
+    GEMM_CALLS.clear()
+    g32, x32 = g.float(), x.float()
+    torch.testing.assert_close(grad_weight_fp32(g32, x32), g32.t() @ x32, rtol=1e-5, atol=1e-4)
+    split = M >= 4 * torch.get_num_threads() and gb.onednn_available()
+    assert GEMM_CALLS == {f"grad_weight:{'mkl_split' if split else 'mkl'}": 1}
+    if split:
+        assert gb.Choices().get(f"grad_weight float32 M{gb.row_class(M)} N{N} K{K}") == "mkl_split"
+
+
 def test_a_corrupt_choices_file_is_measured_again(tmp_path, monkeypatch):
     monkeypatch.setenv("GRIFFINLM_CACHE", str(tmp_path))
     (tmp_path / "gemm_backends.json").write_text("{not json")

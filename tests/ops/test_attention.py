@@ -62,6 +62,30 @@ def test_default_dispatch_matches_reference(window, docs):
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("Hkv,docs", [(1, True), (2, False)])
+def test_training_calls_use_the_training_block_and_match_the_reference(Hkv, docs, monkeypatch):
+    """With autograd recording, the default dispatch takes `training_block(window)` (longer blocks
+    than the forward-only MQA choice) and the gradients still equal the dense reference's."""
+    import griffinlm.ops.attention as attention
+
+    seen = []
+    blocked = attention._blocked_local_attention
+    monkeypatch.setattr(attention, "_blocked_local_attention",
+                        lambda *a: seen.append(a[-1]) or blocked(*a))
+    q, k, v, ds, gen = case_inputs(400, 300, 4, Hkv, docs)
+    out = causal_attention(q, k, v, 300, ds)
+    assert seen == [attention.training_block(300)] == [75]
+    ref = attention_reference(q, k, v, 300, ds)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        causal_attention(q, k, v, 300, ds)
+    assert seen[-1] == (attention.MQA_BLOCK if Hkv == 1 else attention.MHA_BLOCK)
+    assert [attention.training_block(w) for w in (16, 256, 512, 1024, 4096)] == [64, 64, 128, 256, 256]
+
+
 def test_blocked_scale_and_bf16():
     gen = torch.Generator().manual_seed(8)
     q = torch.randn(1, 2, 70, 16, generator=gen).bfloat16()

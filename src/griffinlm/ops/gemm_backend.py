@@ -9,6 +9,7 @@ So nothing is assumed: the products of a linear layer are
     "grad_weight"   dW = g^T x
     "forward_stacked"  several forward products of one x as one GEMM on the stacked weights
                        (`linear.linear_many`; "mkl" there means separate products)
+    "forward_unpacked" y = x W^T for a W that changes at every call (no packed candidate)
 
 and for each product and class of shapes (M rounded up to a power of two, N, K) the candidate
 backends run on the real operands at the first product of that class, interleaved, best of three:
@@ -17,6 +18,10 @@ backends run on the real operands at the first product of that class, interleave
     "onednn"         oneDNN's linear, torch.ops.mkldnn._linear_pointwise, on the operands as they are
     "onednn_packed"  the same with the weight reordered once into oneDNN's blocked layout (forward
                      only; one copy per weight, re-made when the weight changes, within a budget)
+    "mkl_split"      grad_weight only: the reduction over M cut into chunks, one batched torch.bmm
+                     and a sum. MKL runs a product with a small output (a LoRA adapter's (r, K) or
+                     (N, r) gradient, r = 16) at about one thread's rate; the chunks are parallel work.
+                     Measured like the others, never forced (`force` takes the three above).
 
 A backend other than "mkl" is kept only if it is at least `MARGIN` faster, so no machine runs
 slower than with F.linear. Choices are kept for the process and in a JSON file per machine and
@@ -43,8 +48,9 @@ import torch
 
 from ..user_cache import cache_dir
 
-PRODUCTS = ("forward", "grad_input", "grad_weight", "forward_stacked")
+PRODUCTS = ("forward", "forward_unpacked", "grad_input", "grad_weight", "forward_stacked")
 BACKENDS = ("mkl", "onednn", "onednn_packed")
+MEASURED_ONLY = ("mkl_split",)  # backends a measurement may choose but `force` does not take
 MARGIN = 0.95  # a backend replaces "mkl" only at <= 95% of its time
 MIN_MNK = 2 ** 19  # smaller products run F.linear unmeasured: the call overhead dominates them
 MAX_ROW_CLASS = 4096  # every M >= 4096 is one class (rates are flat well before)
@@ -147,7 +153,7 @@ class Choices:
         if not self.loaded:
             self._load()
         got = self.table.get(machine_key(), {}).get(key)
-        return got if got in BACKENDS else None
+        return got if got in BACKENDS or got in MEASURED_ONLY else None
 
     def put(self, key: str, backend: str) -> None:
         self.table.setdefault(machine_key(), {})[key] = backend

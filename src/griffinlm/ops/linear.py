@@ -48,20 +48,24 @@ def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) 
     return torch.ops.mkldnn._linear_pointwise(a.contiguous(), w, bias, "none", [], "")
 
 
-def forward_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) -> (M, N) on the backend measured fastest for the shape (fp32, no autograd)."""
+def forward_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 packable: bool = True) -> torch.Tensor:
+    """x (M, K) -> (M, N) on the backend measured fastest for the shape (fp32, no autograd).
+    packable=False for a weight that changes at every call (a LoRA factor in training): its
+    oneDNN packing would be redone each time, so only the unpacked backends compete."""
     M, K = x.shape
     N = weight.shape[0]
+    product = "forward" if packable else "forward_unpacked"
 
     def candidates():
         out = {"mkl": lambda: F.linear(x, weight, bias), "onednn": lambda: _onednn(x, weight, bias)}
-        if (p := gb.packed(weight)) is not None:
+        if packable and (p := gb.packed(weight)) is not None:
             out["onednn_packed"] = lambda: _onednn(x, p, bias)
         return out
 
-    backend = gb.choose("forward", x.dtype, M, N, K, candidates)
-    if backend == "onednn_packed" and (p := gb.packed(weight)) is None:
-        backend = "onednn"  # over the copies' budget
+    backend = gb.choose(product, x.dtype, M, N, K, candidates)
+    if backend == "onednn_packed" and (not packable or (p := gb.packed(weight)) is None):
+        backend = "onednn"  # over the copies' budget (or forced)
     GEMM_CALLS[f"forward:{backend}"] += 1
     if backend == "mkl":
         return F.linear(x, weight, bias)
@@ -81,16 +85,38 @@ def grad_input_fp32(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return g.mm(weight) if backend == "mkl" else _onednn(g, weight.t().contiguous())
 
 
-def _grad_weight_fp32(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """g (M, N)^T @ x (M, K) -> (N, K)."""
+def split_reduction(g: torch.Tensor, x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """g (M, N)^T @ x (M, K) -> (N, K) as `chunks` partial products over slices of M (one bmm)
+    and their sum; rows past a whole number of chunks are added with one addmm. The partial
+    products have the smaller of N and K as their rows (MKL is the faster that way round)."""
     M, N = g.shape
+    K = x.shape[1]
+    m = M // chunks * chunks
+    a, b = (g, x) if N <= K else (x, g)
+    a, b = a.contiguous(), b.contiguous()
+    out = torch.bmm(a[:m].view(chunks, m // chunks, -1).transpose(1, 2), b[:m].view(chunks, m // chunks, -1)).sum(0)
+    if m < M:
+        out.addmm_(a[m:].t(), b[m:])
+    return out if N <= K else out.t().contiguous()
+
+
+def grad_weight_fp32(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g (M, N)^T @ x (M, K) -> (N, K) on the backend measured fastest for the shape: the weight
+    gradient of `linear` (fp32, no autograd); fused ops with trainable low-rank factors call it."""
+    M, N = g.shape
+    chunks = 2 * torch.get_num_threads()
 
     def candidates():
-        return {"mkl": lambda: g.t().mm(x), "onednn": lambda: _onednn(g.t(), x.t().contiguous())}
+        out = {"mkl": lambda: g.t().mm(x), "onednn": lambda: _onednn(g.t(), x.t().contiguous())}
+        if M >= 2 * chunks:
+            out["mkl_split"] = lambda: split_reduction(g, x, chunks)
+        return out
 
     backend = gb.choose("grad_weight", g.dtype, M, N, x.shape[1], candidates)
     GEMM_CALLS[f"grad_weight:{backend}"] += 1
-    return g.t().mm(x) if backend == "mkl" else _onednn(g.t(), x.t().contiguous())
+    if backend == "mkl_split" and M >= 2 * chunks:
+        return split_reduction(g, x, chunks)
+    return _onednn(g.t(), x.t().contiguous()) if backend == "onednn" else g.t().mm(x)
 
 
 def _forward_bf16(xb: torch.Tensor, wb: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -131,7 +157,7 @@ class _Linear(torch.autograd.Function):
             x, weight = ctx.saved_tensors
             g = g.contiguous()
             dx = grad_input_fp32(g, weight) if need_x else None
-            dw = _grad_weight_fp32(g, x) if need_w else None
+            dw = grad_weight_fp32(g, x) if need_w else None
         if need_b and ctx.has_bias:
             db = g.sum(0, dtype=torch.float32)
         return dx, dw, db, None

@@ -32,6 +32,15 @@ from .reference import attention_mask
 MQA_BLOCK, MHA_BLOCK = 32, 128
 
 
+def training_block(window: int) -> int:
+    """Query block length when autograd records the call. The backward pays per block what the
+    forward does not (a key-block gradient per unfolded copy, SDPA's backward on short rows), so
+    longer blocks win: `python benchmarks/layers.py --block-sweep --backward` put the best (or
+    within 3 % of it) at window / 4 clamped to [64, 256] for MQA, GQA and MHA, windows 128..2048,
+    head dims 64 and 128; block 32, the MQA forward choice, was 1.5-1.9x slower at windows >= 512."""
+    return min(256, max(64, window // 4))
+
+
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """q (B, H, T, hd) against k, v (B, Hkv, S, hd) with a boolean mask (B, 1, T, S) (True:
@@ -155,8 +164,8 @@ def causal_attention(
         window: keys visible per query, including itself; None for global causal attention.
         q_doc_start: optional (B, T) absolute start of each query's document.
         scale: softmax scale (default hd ** -0.5).
-        block: query block length of the blocked sliding-window path (None: MQA_BLOCK with
-            one kv head, else MHA_BLOCK).
+        block: query block length of the blocked sliding-window path (None: `training_block`
+            when autograd records the call, else MQA_BLOCK with one kv head, MHA_BLOCK otherwise).
         impl: "flex" (`attention/flex.py`; compiled on CUDA, flex_attention's eager math
             path elsewhere), "blocked" or "dense" (the T x T masked SDPA) to force a path; None
             picks: for window < T flex on CUDA, blocked elsewhere; else SDPA with is_causal (or
@@ -176,7 +185,10 @@ def causal_attention(
         return flex_local_attention(q, k, v, window, q_doc_start, scale, compiled=q.is_cuda)
     if impl == "blocked" and window is not None:
         if block is None:
-            block = MQA_BLOCK if k.shape[1] == 1 else MHA_BLOCK
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                block = training_block(window)
+            else:
+                block = MQA_BLOCK if k.shape[1] == 1 else MHA_BLOCK
         return _blocked_local_attention(q, k, v, window, q_doc_start, scale, block)
     if impl not in ("flex", "blocked", "dense"):
         raise ValueError(f"causal_attention: unknown impl {impl!r}")

@@ -4,8 +4,10 @@ peft computes the adapter as separate torch ops after the base layer: a dropout 
 torch's CPU `bernoulli_` (a large share of a LoRA training step: BENCHMARKS.md, Fine-tuning), then
 lora_A, lora_B, a multiply by `scaling` and an add, each a new (rows, out) tensor, and autograd
 sums the base's and the adapter's input gradients in another pass. Here, for a frozen base layer
-(LoRA's case), the base product runs on the fastest GEMM backend (`ops.linear`), the dropout is a
-numba kernel with a counter-based mask, the low-rank update is added into the base output in
+(LoRA's case), every product (the base's and the adapter's rank-r ones) runs on the GEMM backend
+measured fastest for its shape (`ops.linear`; MKL runs the adapter's (r, K) and (N, r) gradients
+at about one thread's rate, "mkl_split" in parallel chunks), the dropout is a numba kernel with a
+counter-based mask, the low-rank update is added into the base output in
 place (one `addmm_`), and the backward is written out: no base weight gradient, the adapter's
 input gradient added into the base's in place through the same mask (regenerated from its
 seed), and only the dropped input and the (rows, r) product saved.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..linear import forward_fp32, grad_input_fp32
+from ..linear import forward_fp32, grad_input_fp32, grad_weight_fp32
 from ..numba_common import FUSED_CALLS, cpu_fusable
 
 _P_SCALE = float(2**32)
@@ -50,7 +52,7 @@ class _LoraLinear(torch.autograd.Function):
         if p > 0:
             xd = torch.empty_like(x)
             kernels.dropout(x.numpy(), xd.numpy(), seed, _threshold(p), 1.0 / (1.0 - p))
-        xa = xd.mm(lora_a.t())  # (M, r)
+        xa = forward_fp32(xd, lora_a, None, packable=False)  # (M, r)
         y = forward_fp32(x, weight, bias)  # (M, N)
         y.addmm_(xa, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(xd, xa, lora_a, lora_b, weight)
@@ -64,16 +66,17 @@ class _LoraLinear(torch.autograd.Function):
         xd, xa, lora_a, lora_b, weight = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         g = g.contiguous()
-        gb = g.mm(lora_b)  # (M, r)
+        gb = grad_input_fp32(g, lora_b)  # (M, r)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = grad_input_fp32(g, weight)  # (M, K)
             if p > 0:
-                kernels.add_dropped(dx.numpy(), gb.mm(lora_a).numpy(), ctx.seed, _threshold(p), s / (1.0 - p))
+                kernels.add_dropped(dx.numpy(), grad_input_fp32(gb, lora_a).numpy(), ctx.seed, _threshold(p),
+                                    s / (1.0 - p))
             else:
                 dx.addmm_(gb, lora_a, alpha=s)
-        da = gb.t().mm(xd).mul_(s) if ctx.needs_input_grad[1] else None  # (r, K)
-        db = g.t().mm(xa).mul_(s) if ctx.needs_input_grad[2] else None  # (N, r)
+        da = grad_weight_fp32(gb, xd).mul_(s) if ctx.needs_input_grad[1] else None  # (r, K)
+        db = grad_weight_fp32(g, xa).mul_(s) if ctx.needs_input_grad[2] else None  # (N, r)
         return dx, da, db, None, None, None, None, None
 
 
