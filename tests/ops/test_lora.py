@@ -57,3 +57,16 @@ def test_trainable_base_takes_the_reference_path():
     torch.testing.assert_close(y, lora_linear_reference(x, w, None, a, b, 2.0))
     y.sum().backward()
     assert w.grad is not None
+
+
+def test_dropout_streams_give_independent_masks():
+    """Data-parallel ranks draw the same seeds; their streams make the masks differ."""
+    x, w = torch.randn(64, 32), torch.randn(16, 32)
+    a, b = torch.randn(4, 32), torch.randn(16, 4)
+
+    def out(stream):
+        torch.manual_seed(5)
+        return lora_linear(x, w, None, a, b, 2.0, 0.5, stream=stream)
+
+    assert torch.equal(out(1), out(1)) and torch.equal(out(0), out(0))
+    assert not torch.equal(out(0), out(1))

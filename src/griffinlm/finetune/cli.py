@@ -56,7 +56,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..train.loop import Trainer
     from .job import FinetuneConfig, answer_accuracy, prepare, write_outputs
-    from .lora import LoraSettings
+    from .lora import LoraSettings, set_dropout_stream
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,13 +70,23 @@ def run_finetune(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--data {train_cfg.data}: no such file")
         job, held_out, peft_model = prepare(FinetuneConfig(args.checkpoint, lora, args.val_fraction), train_cfg,
                                             verbose=True)
+        # under torchrun: data parallel (LoRA: adapters replicated, the base frozen on every rank)
         trainer = Trainer(None, train_cfg, out, resume=args.resume, kill_at_step=args.debug_kill_at_step, job=job)
+        set_dropout_stream(job.model, trainer.par.dp_rank)
         summary = trainer.run()
         model = trainer.model
+        if trainer.par.distributed:
+            from ..parallel import teardown
+            if not trainer.plain_params:  # full fine-tuning: one plain copy, on rank 0
+                from ..parallel.checkpoint import gather_model
+                model = gather_model(trainer.model)
+            teardown()
+            if not trainer.is_main:  # rank 0 answers, writes and reports
+                return 0
         if args.answer_tokens:
             summary["held_out_answer_accuracy"] = answer_accuracy(model, trainer.data.tokenizer, held_out,
                                                                   args.answer_tokens)
-        summary["outputs"] = write_outputs(trainer, peft_model, args.merge)
+        summary["outputs"] = write_outputs(trainer, peft_model, args.merge, model)
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, ImportError) as e:

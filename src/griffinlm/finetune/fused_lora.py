@@ -18,7 +18,10 @@ from ..ops.lora import fusable, lora_linear
 
 
 class FusedLoraLinear(PeftLoraLinear):
-    """peft's `lora.Linear` over our `Linear`, forward through `ops.lora_linear`."""
+    """peft's `lora.Linear` over our `Linear`, forward through `ops.lora_linear`. `dropout_stream`:
+    set per data-parallel rank (`lora.set_dropout_stream`) so that ranks drop independently."""
+
+    dropout_stream = 0
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapters = [a for a in self.active_adapters if a in self.lora_A]
@@ -31,4 +34,5 @@ class FusedLoraLinear(PeftLoraLinear):
             return super().forward(x, *args, **kwargs)
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
-        return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], p)
+        return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], p,
+                           stream=self.dropout_stream)

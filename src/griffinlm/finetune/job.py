@@ -127,15 +127,16 @@ def answer_accuracy(model: LanguageModel, tok: Tokenizer, examples: list[Example
     return hits / max(len(examples), 1)
 
 
-def write_outputs(trainer: Trainer, peft_model, merge: bool) -> dict:
+def write_outputs(trainer: Trainer, peft_model, merge: bool, model: LanguageModel | None = None) -> dict:
     """After a finished run: the adapters in peft's format (LoRA runs) and, with `merge`, a plain
-    checkpoint with the adapters folded in. Returns {"adapter": dir, "merged": dir} (as written)."""
+    checkpoint with the adapters folded in (of a full fine-tuning run: `model`, default the
+    trainer's; a plain copy when the trainer's is sharded). Returns {"adapter": dir, "merged": dir}."""
     written: dict = {}
     if peft_model is not None:
         written["adapter"] = save_adapter(peft_model, os.path.join(trainer.out_dir, ADAPTER_DIR),
                                           base_name=trainer.job.record["base"]["path"])
     if merge:
-        merged = merge_lora(peft_model) if peft_model is not None else trainer.model
+        merged = merge_lora(peft_model) if peft_model is not None else (model or trainer.model)
         written["merged"] = save_model_checkpoint(
             os.path.join(trainer.out_dir, MERGED_DIR), trainer.step, merged,
             {"tokenizer": trainer.data.tokenizer.to_dict(), "merged_from": os.path.abspath(trainer.out_dir)})

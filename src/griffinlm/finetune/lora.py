@@ -172,6 +172,16 @@ def apply_lora(model: LanguageModel, settings: LoraSettings, fused: bool = True)
         return peft.get_peft_model(model, settings.peft_config(model, fused=fused))
 
 
+def set_dropout_stream(model: nn.Module, stream: int) -> None:
+    """Makes the fused adapters' dropout masks of this process independent of those of processes
+    with another `stream` (a data-parallel rank: all ranks draw the same seeds from one RNG state)."""
+    from .fused_lora import FusedLoraLinear
+
+    for m in model.modules():
+        if isinstance(m, FusedLoraLinear):
+            m.dropout_stream = stream
+
+
 def language_model(model: nn.Module) -> LanguageModel:
     """Our LanguageModel inside a PeftModel (or the model itself)."""
     while not isinstance(model, LanguageModel):

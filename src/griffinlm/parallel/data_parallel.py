@@ -13,6 +13,13 @@ Mixed precision: with a bf16 `param_dtype`, the norms and RG-LRUs
 parameter policy that leaves their inputs' dtype alone, so Lambda, the norm scales and the
 recurrent state are fp32 as in a single-device autocast run (see `griffinlm.precision`).
 
+A model that trains only a few parameters (LoRA adapters on a frozen base) is replicated more
+simply (`replicate_trainable`): every parameter stays a plain tensor, so the fused CPU kernels,
+peft's merging and saving and the single-process checkpoint format all apply unchanged; the
+trainable parameters are broadcast from rank 0 once, and their gradients summed over the DP
+ranks in one flat all-reduce per optimizer step (`sum_plain_gradients`, called by the training
+step). A frozen base needs no synchronisation: every rank loaded the same weights.
+
 Gradients are summed, not averaged, across DP ranks: each rank's loss is already divided by
 the number of target tokens of the whole global batch, so the sum is exactly the gradient of
 one process on that batch.
@@ -22,6 +29,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -99,6 +107,39 @@ def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh, mp_policy: MixedPreci
     return model
 
 
+def replicate_trainable(model: nn.Module, ctx: ParallelContext) -> nn.Module:
+    """Data parallelism for a model whose trainable parameters are few (LoRA adapters): they are
+    broadcast from DP rank 0 (plain tensors, nothing wrapped); `sum_plain_gradients` sums their
+    gradients at each step. Raises ValueError with tensor parallelism (not supported here)."""
+    if ctx.tp_size > 1:
+        raise ValueError("adapter training runs data parallel only: no --tp")
+    if ctx.dp_size > 1:
+        group = ctx.mesh.get_group("dp")
+        src = dist.get_global_rank(group, 0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=src, group=group)
+    return model
+
+
+@torch.no_grad()
+def sum_plain_gradients(parameters, ctx: ParallelContext) -> None:
+    """Sums the gradients of plain-tensor parameters over the DP ranks, as one flat all-reduce
+    (the DTensor parameters of FSDP / replicate reduce their own in backward; none here then)."""
+    if not ctx.distributed or ctx.dp_size == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None and type(p.grad) is torch.Tensor]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=ctx.mesh.get_group("dp"))
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recomputes each residual block's activations in backward instead of keeping them
     (torch's composable `checkpoint`: hooks on the block, parameter names unchanged). Applied
@@ -113,9 +154,11 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 
 
 def parallelize(model: nn.Module, ctx: ParallelContext, fsdp: bool = False,
-                mp_policy: MixedPrecisionPolicy | None = None, activation_checkpointing: bool = False) -> nn.Module:
+                mp_policy: MixedPrecisionPolicy | None = None, activation_checkpointing: bool = False,
+                trainable_only: bool = False) -> nn.Module:
     """Activation checkpointing (if asked), tensor parallel over ctx's "tp" dim, then FSDP (or
-    DDP) over its "dp" dim. In place; the model itself never knows.
+    DDP) over its "dp" dim. In place; the model itself never knows. trainable_only: a model
+    that trains a few parameters on a frozen base (`replicate_trainable`; no FSDP or TP).
 
     Build the optimizer after this call: the parameters are replaced by DTensors.
     A single-process context gets activation checkpointing only.
@@ -124,6 +167,10 @@ def parallelize(model: nn.Module, ctx: ParallelContext, fsdp: bool = False,
         apply_activation_checkpointing(model)
     if not ctx.distributed:
         return model
+    if trainable_only:
+        if fsdp:
+            raise ValueError("adapter training runs data parallel only: no --fsdp")
+        return replicate_trainable(model, ctx)
     if ctx.tp_size > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"])
     if fsdp:

@@ -100,11 +100,15 @@ class Trainer:
         self.cfg, self.out_dir, self._kill_at_step, self.job = config, out_dir, kill_at_step, job
         if job is not None:
             if tp != 1 or fsdp:
-                raise ValueError("fine-tuning runs in one process (no --tp / --fsdp)")
+                raise ValueError("fine-tuning runs data parallel under torchrun (no --tp / --fsdp)")
             model_config = job.model.config
         # Under torchrun (or with --tp/--fsdp): a (dp, tp) mesh; in one process, degree 1.
         self.par = _parallel_context(tp, fsdp, config.device)
         self.is_main = self.par.is_main
+        # Plain (non-DTensor) parameters: one process, or adapters-only data parallelism, whose
+        # checkpoints are the single-process ones (written by rank 0).
+        self.trainable_only = job is not None and job.trainable_only
+        self.plain_params = not self.par.distributed or self.trainable_only
         os.makedirs(out_dir, exist_ok=True)
         ckpt = self._find_resume_checkpoint() if resume else None
         if not resume and list_checkpoints(out_dir):
@@ -144,13 +148,13 @@ class Trainer:
         # the state-dict names a checkpoint holds (None: all)
         self.saved_names = trainable_names(self.model) if job is not None and job.trainable_only else None
         parallelize(self.model, self.par, fsdp, mixed_precision_policy(self.device) if self.par.distributed else None,
-                    activation_checkpointing=config.grad_checkpointing)
+                    activation_checkpointing=config.grad_checkpointing, trainable_only=self.trainable_only)
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay,
                                         (config.beta1, config.beta2), config.eps)
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
         self.metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl") if self.is_main else os.devnull,
                                   os.path.join(out_dir, "tensorboard") if config.tensorboard and self.is_main else None)
-        if ckpt is not None and (self.par.distributed or _is_distributed_checkpoint(ckpt.path)):
+        if ckpt is not None and (not self.plain_params or _is_distributed_checkpoint(ckpt.path)):
             from ..parallel.checkpoint import load_training_state
             load_training_state(ckpt, self.model, self.optimizer)  # any saved layout -> this one
         elif ckpt is not None:
@@ -196,16 +200,24 @@ class Trainer:
         return {"loss": r.loss, "bits_per_byte": r.nats / LN2 / max(r.bytes, 1e-9), "lr": lr,
                 "grad_norm": r.grad_norm}
 
-    def save(self) -> str:
+    def save(self) -> str | None:
+        """Writes checkpoint `step`; returns its path (None on the other ranks of an adapters-only
+        data-parallel run, where rank 0 writes the single-process checkpoint)."""
         state = {"train_config": self.cfg.to_dict(), "data": self.data.sampler.state_dict(),
                  "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
                  "tokenizer": self.data.tokenizer.to_dict(), **({"job": self.job.record} if self.job else {})}
-        if self.par.distributed:
+        if not self.plain_params:
             from ..parallel.checkpoint import save_training_checkpoint
             return save_training_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state,
                                             self.cfg.keep_last, self.par.layout())
-        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_last,
-                               self.saved_names)
+        path = None
+        if self.is_main:  # every rank holds the same plain parameters
+            path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_last,
+                                   self.saved_names)
+        if self.par.distributed:
+            import torch.distributed as dist
+            dist.barrier()
+        return path
 
     def run(self, until: int | None = None) -> dict | None:
         """Trains to `steps`, evaluating and saving on schedule. Returns the summary (also in summary.json).
@@ -273,12 +285,14 @@ class Trainer:
         from ..inference.text import generate_text  # inference imports the model, never train
 
         model = self.model
-        if self.par.distributed:  # generation runs on one plain copy, on rank 0
+        if self.par.distributed and not self.is_main:  # generation runs on rank 0
+            if not self.plain_params:
+                from ..parallel.checkpoint import gather_model
+                gather_model(self.model)  # a collective: every rank takes part
+            return ""
+        if not self.plain_params:  # on one plain copy
             from ..parallel.checkpoint import gather_model
-            model = gather_model(self.model)
-            if model is None:
-                return ""
-            model = model.to(self.device)
+            model = gather_model(self.model).to(self.device)
         cfg = self.cfg
         was_training = model.training
         model.eval()

@@ -101,7 +101,7 @@ def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, p: float = 0.0, *,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, stream: int = 0) -> torch.Tensor:
     """y = x W^T + b + scaling * (dropout_p(x) A^T) B^T.
 
     Args:
@@ -109,6 +109,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         scaling: the adapter's alpha / r. p: dropout probability on the adapter's input (0 in eval).
         generator: where the dropout's seed is drawn from (default: torch's global generator, so
             torch.manual_seed and a restored RNG state reproduce the masks).
+        stream: mixed into the drawn seed: processes that draw the same seeds (data-parallel ranks
+            with one RNG state) get independent masks when their streams differ.
     Returns (..., N). Falls back to the reference composition with torch's dropout for anything
     `fusable` rejects.
     """
@@ -117,6 +119,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, keep, p)
     FUSED_CALLS["lora_linear"] += 1
     seed = int(torch.randint(0, 2**62, (), generator=generator)) if p > 0 else 0
+    if stream:
+        seed = (seed + stream * 0x9E3779B97F4A7C15) % 2**63
     y = _LoraLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), lora_a, lora_b, weight, bias, float(scaling),
                           float(p), seed)
     return y.view(*x.shape[:-1], y.shape[-1])
