@@ -103,6 +103,23 @@ def test_split_weight_gradient_equals_the_product(M, N, K, tmp_path, monkeypatch
         assert gb.Choices().get(f"grad_weight float32 M{gb.row_class(M)} N{N} K{K}") == "mkl_split"
 
 
+@needs_onednn
+def test_frozen_weight_input_gradient_on_its_packed_transpose():
+    """A frozen weight's input gradient (LoRA's base) may run on W^T packed once: equal to g @ W,
+    and re-packed when the weight changes in place."""
+    from griffinlm.ops.linear import grad_input_fp32
+
+    g, w = torch.randn(64, 48), torch.randn(48, 40)
+    GEMM_CALLS.clear()
+    with force("onednn_packed"):
+        torch.testing.assert_close(grad_input_fp32(g, w), g @ w, rtol=1e-5, atol=1e-4)
+        w.mul_(2.0)
+        torch.testing.assert_close(grad_input_fp32(g, w), g @ w, rtol=1e-5, atol=1e-4)
+        trainable = w.clone().requires_grad_()
+        torch.testing.assert_close(grad_input_fp32(g, trainable), g @ w, rtol=1e-5, atol=1e-4)
+    assert GEMM_CALLS == {"grad_input:onednn_packed": 2, "grad_input:onednn": 1}
+
+
 def test_a_corrupt_choices_file_is_measured_again(tmp_path, monkeypatch):
     monkeypatch.setenv("GRIFFINLM_CACHE", str(tmp_path))
     (tmp_path / "gemm_backends.json").write_text("{not json")

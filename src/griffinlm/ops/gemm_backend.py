@@ -10,6 +10,8 @@ So nothing is assumed: the products of a linear layer are
     "forward_stacked"  several forward products of one x as one GEMM on the stacked weights
                        (`linear.linear_many`; "mkl" there means separate products)
     "forward_unpacked" y = x W^T for a W that changes at every call (no packed candidate)
+    "grad_input_frozen" dx = g W for a frozen W (LoRA's base): W^T may be packed once, as a
+                       forward weight ("onednn_packed"; a trainable W would be repacked every step)
 
 and for each product and class of shapes (M rounded up to a power of two, N, K) the candidate
 backends run on the real operands at the first product of that class, interleaved, best of three:
@@ -48,7 +50,7 @@ import torch
 
 from ..user_cache import cache_dir
 
-PRODUCTS = ("forward", "forward_unpacked", "grad_input", "grad_weight", "forward_stacked")
+PRODUCTS = ("forward", "forward_unpacked", "grad_input", "grad_input_frozen", "grad_weight", "forward_stacked")
 BACKENDS = ("mkl", "onednn", "onednn_packed")
 MEASURED_ONLY = ("mkl_split",)  # backends a measurement may choose but `force` does not take
 MARGIN = 0.95  # a backend replaces "mkl" only at <= 95% of its time
@@ -213,7 +215,8 @@ def choose(product: str, dtype: torch.dtype, m: int, n: int, k: int,
     (name -> zero-argument call computing the product) and remembered."""
     forced = _override()
     if forced != "auto":
-        return forced if forced != "onednn_packed" or product.startswith("forward") else "onednn"
+        packs = product.startswith("forward") or product == "grad_input_frozen"
+        return forced if forced != "onednn_packed" or packs else "onednn"
     if m * n * k < MIN_MNK:
         return "mkl"
     memo_key = (product, dtype, row_class(m), n, k, torch.get_num_threads())
@@ -290,6 +293,13 @@ COPIES = WeightCopies(int(float(os.environ.get("GRIFFINLM_GEMM_COPIES_MB", "4096
 def packed(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` (N, K) fp32 in oneDNN's blocked layout (cached), or None past the budget."""
     return COPIES.get("packed", weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, MAX_ROW_CLASS))
+
+
+def packed_transposed(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` (N, K) transposed to (K, N) in oneDNN's blocked layout (cached), or None past the
+    budget: the input gradient g @ W as a forward product on a packed weight."""
+    return COPIES.get("packed_t", weight,
+                      lambda w: torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), MAX_ROW_CLASS))
 
 
 def packed_concat(weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:

@@ -74,15 +74,24 @@ def forward_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def grad_input_fp32(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """g (M, N) @ W (N, K) -> (M, K) on the backend measured fastest for the shape: the input
-    gradient of `linear` (fp32, no autograd); fused ops that differentiate a linear map call it."""
+    gradient of `linear` (fp32, no autograd); fused ops that differentiate a linear map call it.
+    A frozen W (requires_grad False: a LoRA base) may use its packed transpose, made once."""
     M, N = g.shape
+    frozen = not weight.requires_grad
 
     def candidates():
-        return {"mkl": lambda: g.mm(weight), "onednn": lambda: _onednn(g, weight.t().contiguous())}
+        out = {"mkl": lambda: g.mm(weight), "onednn": lambda: _onednn(g, weight.t().contiguous())}
+        if frozen and (p := gb.packed_transposed(weight)) is not None:
+            out["onednn_packed"] = lambda: _onednn(g, p)
+        return out
 
-    backend = gb.choose("grad_input", g.dtype, M, N, weight.shape[1], candidates)
+    backend = gb.choose("grad_input_frozen" if frozen else "grad_input", g.dtype, M, N, weight.shape[1], candidates)
+    if backend == "onednn_packed" and (not frozen or (p := gb.packed_transposed(weight)) is None):
+        backend = "onednn"  # over the copies' budget
     GEMM_CALLS[f"grad_input:{backend}"] += 1
-    return g.mm(weight) if backend == "mkl" else _onednn(g, weight.t().contiguous())
+    if backend == "mkl":
+        return g.mm(weight)
+    return _onednn(g, p if backend == "onednn_packed" else weight.t().contiguous())
 
 
 def split_reduction(g: torch.Tensor, x: torch.Tensor, chunks: int) -> torch.Tensor:
