@@ -396,8 +396,8 @@ def _head_split(jobs, rep, parts):
 def _attend_job(job, split, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out):
     """For job = (b * Hkv + g) * split + part: out[b, head] = softmax(q k^T * scale) v for the
     query heads of kv head g in chunk `part` of `split`, over the keys of slot slots[b] that row b
-    sees (its document's, up to its position); each cached key and value is read once for the
-    chunk's heads."""
+    sees (its document's, up to its position); each of those cached keys and values is read once
+    for the chunk's heads, no other."""
     Hkv, S, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     rep = num_heads // Hkv
     e_lo, e_hi = row_chunk(rep, split, job % split)
@@ -408,38 +408,35 @@ def _attend_job(job, split, q, num_heads, k_cache, v_cache, ring, slots, pos, do
         return
     sb = slots[b]
     p_b = pos[b]
-    visible = S if ring else min(p_b + 1, S)
-    scores = np.empty((n_e, visible), f32)
+    # The keys row b sees, by position: its document's, within the ring's last S positions;
+    # a ring's slots outside them (older, or never written) are not read at all.
+    lo = max(doc_start[b], 0, p_b - S + 1) if ring else max(doc_start[b], 0)
+    n_k = (p_b if ring else min(p_b, S - 1)) - lo + 1
+    scores = np.empty((n_e, n_k), f32)
     best = np.full(n_e, -np.inf, f32)
     head0 = g * rep + e_lo
-    for s in range(visible):
-        key_pos = p_b - (p_b - s) % S if ring else s
-        if key_pos < doc_start[b] or key_pos > p_b or key_pos < 0:  # < 0: a ring entry not written yet
-            for e in range(n_e):
-                scores[e, s] = -np.inf
-            continue
-        ks = k_cache[sb, g, s]
+    for i in range(n_k):
+        ks = k_cache[sb, g, (lo + i) % S if ring else lo + i]
         for e in range(n_e):
             qh = q[b, (head0 + e) * hd:(head0 + e + 1) * hd]
             acc = f32(0.0)
             for d in range(hd):
                 acc += qh[d] * ks[d]
-            scores[e, s] = acc * scale
-            best[e] = max(best[e], scores[e, s])
+            scores[e, i] = acc * scale
+            best[e] = max(best[e], scores[e, i])
     total = np.zeros(n_e, f32)
     for e in range(n_e):
-        for s in range(visible):
-            v = exp32(scores[e, s] - best[e])
-            v = v if scores[e, s] > -np.inf else f32(0.0)  # a select: the loop vectorises
-            scores[e, s] = v
+        for i in range(n_k):
+            v = exp32(scores[e, i] - best[e])
+            scores[e, i] = v
             total[e] += v
     # Accumulate in a local array: stores into `out` inside the loop would not vectorise
     # (numba cannot rule out that out and v_cache overlap).
     acc_v = np.zeros((n_e, hd), f32)
-    for s in range(visible):
-        vs = v_cache[sb, g, s]
+    for i in range(n_k):
+        vs = v_cache[sb, g, (lo + i) % S if ring else lo + i]
         for e in range(n_e):
-            w = scores[e, s] / total[e]
+            w = scores[e, i] / total[e]
             for d in range(hd):
                 acc_v[e, d] += w * vs[d]
     for e in range(n_e):
