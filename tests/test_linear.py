@@ -120,6 +120,21 @@ def test_frozen_weight_input_gradient_on_its_packed_transpose():
     assert GEMM_CALLS == {"grad_input:onednn_packed": 2, "grad_input:onednn": 1}
 
 
+@needs_onednn
+def test_disabled_weight_copies_fall_back_to_the_weights(monkeypatch):
+    """After `disable_weight_copies` (FSDP2 runs) nothing is packed or stacked: the products
+    run on the weights themselves and stay equal to F.linear."""
+    monkeypatch.setattr(gb, "COPIES", gb.WeightCopies(1 << 30))
+    x, w, b = torch.randn(64, 48), torch.randn(40, 48), torch.randn(40)
+    gb.disable_weight_copies()
+    assert gb.packed(w) is None and gb.packed_concat((w, w)) is None and gb.packed_transposed(w) is None
+    GEMM_CALLS.clear()
+    with torch.no_grad(), force("onednn_packed"):
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert GEMM_CALLS == {"forward:onednn": 1}
+    assert gb.bf16_copy(w).dtype == torch.bfloat16
+
+
 def test_a_corrupt_choices_file_is_measured_again(tmp_path, monkeypatch):
     monkeypatch.setenv("GRIFFINLM_CACHE", str(tmp_path))
     (tmp_path / "gemm_backends.json").write_text("{not json")

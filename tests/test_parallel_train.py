@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-
-from griffinlm.parallel.launch import free_port
+from cli_run_helpers import assert_same_losses, losses, run_griffinlm
 
 pytestmark = pytest.mark.slow
 
@@ -23,23 +20,6 @@ def _args(corpus: str, out: str) -> list[str]:
             "--threads", "1", "--device", "cpu", "--out", out]
 
 
-def _run(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "griffinlm", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), "-m", "griffinlm", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def _losses(out: str) -> list[tuple[str, int, float]]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [(d["kind"], d["step"], d["loss"]) for d in map(json.loads, f)]
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
@@ -50,37 +30,40 @@ def corpus(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def single(corpus, tmp_path_factory) -> list:
     out = str(tmp_path_factory.mktemp("single"))
-    _run(_args(corpus, out))
-    return _losses(out)
-
-
-def _same(a: list, b: list) -> None:
-    assert [(k, s) for k, s, _ in a] == [(k, s) for k, s, _ in b]
-    for (kind, step, x), (_, _, y) in zip(a, b):
-        assert abs(x - y) < 1e-5, f"{kind} loss at step {step}: {x} vs {y}"
+    run_griffinlm(_args(corpus, out))
+    return losses(out)
 
 
 def test_tp2_run_matches_one_process_and_writes_a_distributed_checkpoint(corpus, single, tmp_path):
     out = str(tmp_path / "tp2")
-    _run(_args(corpus, out) + ["--tp", "2"], nproc=2)
-    _same(_losses(out), single)
+    run_griffinlm(_args(corpus, out) + ["--tp", "2"], nproc=2)
+    assert_same_losses(losses(out), single)
     ckpt = os.path.join(out, "checkpoints", f"step_{STEPS:08d}")
     assert os.path.isfile(os.path.join(ckpt, "dcp", ".metadata"))
-    r = _run(["eval", "--checkpoint", out, "--data", corpus, "--seq-len", "32", "--max-sequences", "4"])
+    r = run_griffinlm(["eval", "--checkpoint", out, "--data", corpus, "--seq-len", "32", "--max-sequences", "4"])
     assert "bits_per_byte" in r.stdout  # the exported model.safetensors reads like any checkpoint
+
+
+def test_data_parallel_with_packed_weights_matches_one_process(corpus, single, tmp_path):
+    """Plain data parallelism (FSDP2 replicate) with every forward product on oneDNN's packed
+    weights: FSDP2 refills its unsharded parameters through collectives, which bump no version
+    counter, so a cached packed copy would be stale from the second step on."""
+    out = str(tmp_path / "dp2")
+    run_griffinlm(_args(corpus, out), nproc=2, env={"GRIFFINLM_GEMM": "onednn_packed"})
+    assert_same_losses(losses(out), single)
 
 
 def test_fsdp_on_2_ranks_resumes_on_1_and_back(corpus, single, tmp_path):
     a = str(tmp_path / "a")  # 2 ranks (FSDP) killed after step 2, resumed by 1 process
-    r = _run(_args(corpus, a) + ["--fsdp", "--debug-kill-at-step", "2"], nproc=2, check=False)
+    r = run_griffinlm(_args(corpus, a) + ["--fsdp", "--debug-kill-at-step", "2"], nproc=2, check=False)
     assert r.returncode != 0
-    _run(_args(corpus, a) + ["--resume"])
-    _same(_losses(a), single)
+    run_griffinlm(_args(corpus, a) + ["--resume"])
+    assert_same_losses(losses(a), single)
     b = str(tmp_path / "b")  # 1 process killed after step 2, resumed by 2 ranks (FSDP)
-    r = _run(_args(corpus, b) + ["--debug-kill-at-step", "2"], check=False)
+    r = run_griffinlm(_args(corpus, b) + ["--debug-kill-at-step", "2"], check=False)
     assert r.returncode != 0
-    _run(_args(corpus, b) + ["--resume", "--fsdp"], nproc=2)
-    _same(_losses(b), single)
+    run_griffinlm(_args(corpus, b) + ["--resume", "--fsdp"], nproc=2)
+    assert_same_losses(losses(b), single)
 
 
 def _bf16_fsdp_run(rank: int, world: int, out: str) -> None:

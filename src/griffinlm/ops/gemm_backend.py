@@ -251,13 +251,17 @@ class WeightCopies:
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
+        self.enabled = True  # `disable_weight_copies` turns copies off for the process
         # (kind, weight ids) -> (weakrefs, (version, data_ptr) per weight, copy, bytes)
         self.entries: dict[tuple, tuple[list[weakref.ref], list[tuple[int, int]], torch.Tensor, int]] = {}
         self.used: collections.Counter[str] = collections.Counter()
 
     def get(self, kind: str, weights: torch.Tensor | tuple[torch.Tensor, ...],
             make: Callable) -> torch.Tensor | None:
-        """The copy `make(weights)` (detached weights, a tensor or a tuple as given), cached."""
+        """The copy `make(weights)` (detached weights, a tensor or a tuple as given), cached; None
+        past the budget or once copies are disabled (callers then use the weights themselves)."""
+        if not self.enabled:
+            return None
         ws = weights if isinstance(weights, tuple) else (weights,)
         key = (kind, *map(id, ws))
         stamps = [(w._version, w.data_ptr()) for w in ws]
@@ -288,6 +292,16 @@ class WeightCopies:
 
 
 COPIES = WeightCopies(int(float(os.environ.get("GRIFFINLM_GEMM_COPIES_MB", "4096")) * 2**20))
+
+
+def disable_weight_copies() -> None:
+    """No derived weight copies (packed, stacked, bf16) from now on in this process. A copy is
+    re-made when its weight's version counter or storage changes; FSDP2 refills its unsharded
+    parameters in place through collectives, which bump no version counter, so a cached copy
+    would go stale unseen (wrong products after the first optimizer step). `parallelize` calls
+    this when it applies FSDP2 (`fully_shard` or `replicate`)."""
+    COPIES.enabled = False
+    COPIES.clear()
 
 
 def packed(weight: torch.Tensor) -> torch.Tensor | None:

@@ -173,6 +173,11 @@ def parallelize(model: nn.Module, ctx: ParallelContext, fsdp: bool = False,
         return replicate_trainable(model, ctx)
     if ctx.tp_size > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"])
+    if fsdp or ctx.dp_size > 1:
+        # FSDP2 refills its unsharded parameters through collectives, which bump no version
+        # counter: no cached packed / stacked / bf16 copies of them (they would go stale)
+        from ..ops.gemm_backend import disable_weight_copies
+        disable_weight_copies()
     if fsdp:
         apply_fsdp(model, ctx.mesh["dp"], mp_policy)
     elif ctx.dp_size > 1:
