@@ -72,8 +72,7 @@ def optimizer_step(model: LanguageModel, optimizer: torch.optim.Optimizer, micro
             loss_sum = batch_nats(model, b)
         (loss_sum / max(n_targets, 1)).backward()  # the mean over the whole step's targets
         nats += loss_sum.detach()
-    if par.distributed:
-        sum_plain_gradients(model.parameters(), par)  # adapters-only data parallelism
+    sum_plain_gradients(model.parameters(), par)  # adapters-only data parallelism (else nothing)
     # DTensor gradients need the mesh-aware norm; plain ones take torch's fused (foreach) one
     clip = clip_grad_norm_ if par.distributed else torch.nn.utils.clip_grad_norm_
     grad_norm = clip(model.parameters(), grad_clip)
