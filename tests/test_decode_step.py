@@ -258,3 +258,56 @@ def test_without_numba_decoding_and_fused_ops_use_torch(monkeypatch):
     assert sum(decode_step.step_kernel_calls().values()) == before
     loss = model(prompts).logsumexp(-1).mean()
     loss.backward()  # training path without numba
+
+
+@needs_numba
+def test_hybrid_step_binds_once_per_row_class_and_follows_changes(monkeypatch):
+    """Above MAX_BATCH rows each op binds its GEMMs (`linear.step_products`) and kernels once per
+    row class and reuses them while nothing changed: a batch of another class binds its own, a
+    batch of a bound class binds nothing, and in-place weight updates and another forced GEMM
+    backend still give the references' logits."""
+    from griffinlm.ops.gemm_backend import GEMM_CALLS, force, onednn_available
+
+    binds = Counter()
+    real = decode_step.step_products
+    monkeypatch.setattr(decode_step, "step_products", lambda *a: binds.update(["bind"]) or real(*a))
+    cfg = CONFIGS["recurrentgemma-like"]  # biases on every projection
+    model = make_model(cfg, seed=11)
+    N = 3 * decode_step.MAX_BATCH
+    caches = [model.init_cache(N, max_length=64) for _ in range(2)]
+    g = torch.Generator().manual_seed(2)
+    prompts = torch.randint(0, cfg.vocab_size, (N, 5), generator=g)
+    with torch.no_grad():
+        for c in caches:
+            model(prompts, cache=c)
+
+    def step(n: int) -> int:
+        """One step of n random slots, fused vs references; returns the binds it made."""
+        slots = torch.randperm(N, generator=g)[:n]
+        toks = torch.randint(0, cfg.vocab_size, (n,), generator=g)
+        before = binds["bind"]
+        with torch.no_grad():
+            fused = model.step(toks, caches[0], slots)
+            made = binds["bind"] - before
+            with decode_step.references_only():
+                ref = model.step(toks, caches[1], slots)
+        assert ((fused - ref).abs().max() / ref.abs().max()).item() < 1e-5
+        return made
+
+    small, large = decode_step.MAX_BATCH + 1, N  # two row classes
+    assert step(small) > 0  # the first step gathers the arguments and binds
+    assert step(small) == 0 and step(small + 1) == 0  # the same row class
+    assert step(large) > 0 and step(large) == 0
+    assert step(small) == 0  # the smaller class's calls were kept
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)  # in place: the bound calls stay, their GEMMs resolve again
+    assert step(large) == 0 and step(small) == 0
+    if onednn_available():
+        for backend in ("onednn_packed", "mkl"):
+            GEMM_CALLS.clear()
+            with force(backend):
+                assert step(large) == 0
+            assert any(k.endswith(backend) for k in GEMM_CALLS)
+    for a, b in zip(cache_tensors(caches[0]), cache_tensors(caches[1])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -269,3 +269,46 @@ def test_linear_many_stacks_projections_of_one_input_and_follows_weight_updates(
         GEMM_CALLS.clear()
         assert rel_err(linear_many(x, layers)[2], F.linear(x, layers[2][0])) < 1e-5
         assert GEMM_CALLS == {"forward:mkl": 3}
+
+
+@needs_onednn
+def test_step_products_equal_f_linear_and_follow_in_place_updates():
+    """The decoding step's resolved products: stacked (weights and biases as copies) or separate,
+    column blocks equal to F.linear; an in-place update of a weight or a bias, or another forced
+    backend, resolves again instead of reusing a stale copy."""
+    from griffinlm.ops.linear import step_products
+
+    torch.manual_seed(0)
+    x = torch.randn(13, 96)
+    ws = (torch.randn(64, 96), torch.randn(64, 96), torch.randn(32, 96))
+    bs = (torch.randn(64), torch.randn(64), torch.randn(32))
+
+    def check(call, ws, bs, stacked):
+        blocks = call(x)
+        for (out, col), w, b in zip(blocks, ws, bs):
+            assert out.is_contiguous()
+            assert rel_err(out[:, col:col + w.shape[0]], F.linear(x, w, b)) < 1e-5
+        assert (len({id(out) for out, _ in blocks}) == 1) == stacked
+
+    with torch.no_grad():
+        with force("onednn_packed"):
+            call = step_products(x, ws, bs)
+            GEMM_CALLS.clear()
+            check(call, ws, bs, stacked=True)
+            assert GEMM_CALLS == {"forward_stacked:onednn_packed": 1}
+            ws[1].mul_(-2.0)  # the packed stack would be stale
+            check(call, ws, bs, stacked=True)
+            bs[2].add_(5.0)  # so would the stacked bias
+            check(call, ws, bs, stacked=True)
+            mixed = (bs[0], None, bs[2])  # some layers without bias: separate products
+            check(step_products(x, ws, mixed), ws, mixed, stacked=False)
+            one = step_products(x, ws[:1], bs[:1])
+            GEMM_CALLS.clear()
+            check(one, ws[:1], bs[:1], stacked=True)
+            assert GEMM_CALLS == {"forward:onednn_packed": 1}
+            with force("mkl"):  # another override: resolved again, F.linear each
+                GEMM_CALLS.clear()
+                check(call, ws, bs, stacked=False)
+                assert GEMM_CALLS == {"forward:mkl": 3}
+    with pytest.raises(ValueError, match="2 weights but 1 biases"):
+        step_products(x, ws[:2], bs[:1])

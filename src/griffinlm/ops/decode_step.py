@@ -37,7 +37,8 @@ from .attention import grouped_attention
 from .attention.rotary import rotary
 from .block_diag import block_diagonal_linear
 from .conv import causal_conv1d_step
-from .linear import linear, linear_many
+from .gemm_backend import row_class
+from .linear import linear, step_products
 from .lru import log_a_from_lambda, rglru_step
 from .norm import rms_norm
 from .quantized import QuantizedWeight
@@ -76,7 +77,6 @@ Norm = tuple[torch.Tensor, float, bool]  # RMSNorm (weight, eps, unit_offset)
 
 # --- eligibility and zero-copy views ---------------------------------------------------------
 _EMPTY = np.empty(0, np.float32)
-_EMPTY_ROWS = np.empty((0, 0), np.float32)
 
 
 def _kernel_tensor(t: torch.Tensor) -> bool:
@@ -113,7 +113,7 @@ class KernelViews:
     owns one per fused op it calls, so a decoding step does not re-derive ~20 views per op, and
     tries `run` (the op's bound kernel call) before gathering the op's arguments at all."""
 
-    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound", "name", "hybrid_views")
+    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound", "name", "hybrid_views", "plans")
 
     def __init__(self) -> None:
         self.tensors: tuple = ()
@@ -127,6 +127,9 @@ class KernelViews:
         self.bound = None
         self.name = ""
         self.hybrid_views: KernelViews | None = None  # the hybrid path's views (other tensors)
+        # The hybrid path's bound calls by row class (`gemm_backend.row_class`): its GEMMs'
+        # backends and packed weights are resolved per class (`linear.step_products`).
+        self.plans: dict[int, object] = {}
 
     def hybrid(self) -> "KernelViews":
         """The memo of the same layer's hybrid path."""
@@ -135,14 +138,23 @@ class KernelViews:
         return self.hybrid_views
 
     def run(self, x: torch.Tensor, rows: "StepRows | None", *pool: torch.Tensor) -> torch.Tensor | None:
-        """Runs the bound kernel call on x (n, D) if it is still valid for this step and state
-        pool (nothing changed since it was bound) and returns the op's result; else None, and
-        the caller goes the full way (gathering its arguments, then the op)."""
-        if (rows is None or not rows.fused or not rows.unchanged or self.bound is None or len(pool) != len(self.pool)
-                or not all(map(operator.is_, pool, self.pool))):
+        """Runs the bound call (the streaming kernel's, or the hybrid path's for this row class)
+        on x (n, D) if it is still valid for this step and state pool (nothing changed since it
+        was bound) and returns the op's result; else None, and the caller goes the full way
+        (gathering its arguments, then the op, which binds the call again)."""
+        if rows is None or not rows.unchanged:
             return None
-        out = self.bound(x.numpy(), rows)
-        FUSED_CALLS[self.name] += 1
+        if rows.fused:
+            memo, bound = self, self.bound
+        elif rows.hybrid and self.hybrid_views is not None:
+            memo = self.hybrid_views
+            bound = memo.plans.get(rows.row_class)
+        else:
+            return None
+        if bound is None or len(pool) != len(memo.pool) or not all(map(operator.is_, pool, memo.pool)):
+            return None
+        out = bound(x, rows)
+        FUSED_CALLS[memo.name] += 1
         return x if out is None else out
 
     def states(self, *pool: torch.Tensor) -> tuple[np.ndarray, ...] | None:
@@ -151,6 +163,7 @@ class KernelViews:
         if len(pool) != len(self.pool) or not all(map(operator.is_, pool, self.pool)):
             ok = all(map(_kernel_tensor, pool))
             self.pool, self.pool_arrays, self.bound = pool, tuple(t.numpy() for t in pool) if ok else None, None
+            self.plans.clear()
         return self.pool_arrays
 
     def __call__(self, tensors: tuple[torch.Tensor | None, ...], unchanged: bool = False
@@ -166,6 +179,7 @@ class KernelViews:
         ptrs = [_ptr(t) for t in tensors]
         ok = all(t is None or _kernel_tensor(t) for t in tensors)
         self.tensors, self.ptrs, self.bound = tensors, ptrs, None
+        self.plans.clear()
         self.views = tuple(_kernel_view(t) for t in tensors) if ok else None
         return self.views
 
@@ -192,6 +206,7 @@ class StepRows:
     arrays: tuple = ()
     threads: int = 1
     hybrid: bool = False
+    row_class: int = 0  # the hybrid path's `gemm_backend.row_class` of n
 
     @classmethod
     def make(cls, x: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, doc_start: torch.Tensor,
@@ -202,7 +217,8 @@ class StepRows:
             return cls(slots, pos, doc_start, keys, whole, unchanged)
         arrays = tuple(t.numpy() if t.dtype == torch.int64 and t.is_contiguous() else t.long().contiguous().numpy()
                        for t in (slots, pos, doc_start))
-        return cls(slots, pos, doc_start, keys, whole, unchanged, fused, arrays, numba_common.threads(), mixed)
+        return cls(slots, pos, doc_start, keys, whole, unchanged, fused, arrays, numba_common.threads(), mixed,
+                   row_class(x.shape[0]) if mixed else 0)
 
 
 def _kernel_rows(x: torch.Tensor) -> bool:
@@ -266,17 +282,29 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
         st = w and hv.states(conv_state, h)
         if st:
             k = _kernels()
-            n = _norm(x, norm, w[0])
-            y, u = (t.contiguous() for t in linear_many(n, (linear_y, linear_x)))  # (n, R) each, with biases
-            xc = torch.from_numpy(k.conv_mix(u.numpy(), w[1], w[2], st[0], *rows.arrays))
+            norm_w, unit_offset, eps = w[0], norm[2], np.float32(norm[1])
             H, bw = gr_w.shape[:2]
-            xh = xc.view(-1, H, bw).transpose(0, 1)  # (H, n, bw): the gates as batched GEMMs
-            g_r = torch.baddbmm(gr_b.unsqueeze(1), xh, gr_w)
-            g_i = torch.baddbmm(gi_b.unsqueeze(1), xh, gi_w)
-            z = k.rglru_mix(xc.numpy(), g_r.numpy(), g_i.numpy(), y.numpy(), w[7], float(c), bool(unscaled_reset),
-                            st[1], *rows.arrays, gelu, rows.threads)
+            gr_b1, gi_b1 = gr_b.unsqueeze(1), gi_b.unsqueeze(1)
+            R = H * bw
+            n = _norm(x, norm, norm_w)
+            branches = step_products(n, (linear_y[0], linear_x[0]), (linear_y[1], linear_x[1]))
+            out_proj = step_products(torch.zeros(n.shape[0], R), (linear_out[0],), (linear_out[1],))
+
+            def bound(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
+                (y, y_col), (u, u_col) = branches(torch.from_numpy(k.rms_norm(xt.numpy(), norm_w, unit_offset, eps)))
+                # (n, k, R) views: the kernels index a product of a stacked output as [:, col // R]
+                y3, u3 = y.view(y.shape[0], -1, R).numpy(), u.view(u.shape[0], -1, R).numpy()
+                xc = k.conv_mix(u3, u_col // R, w[1], w[2], st[0], *r.arrays)  # (n, R)
+                xh = torch.from_numpy(xc).view(-1, H, bw).transpose(0, 1)  # (H, n, bw): the gates as batched GEMMs
+                g_r = torch.baddbmm(gr_b1, xh, gr_w)
+                g_i = torch.baddbmm(gi_b1, xh, gi_w)
+                z = k.rglru_mix(xc, g_r.numpy(), g_i.numpy(), y3, y_col // R, w[7], float(c),
+                                bool(unscaled_reset), st[1], *r.arrays, gelu, r.threads)
+                return xt.add_(out_proj(torch.from_numpy(z))[0][0])
+
+            hv.plans[rows.row_class], hv.name = bound, "recurrent_mix"
             FUSED_CALLS["recurrent_mix"] += 1
-            return x.add_(linear(torch.from_numpy(z), *linear_out))
+            return bound(x, rows)
     w = rows.fused and views((norm[0], *linear_y, *linear_x, *conv, gr_w, gr_b, gi_w, gi_b, lambda_, *linear_out),
                              rows.unchanged)
     st = w and views.states(conv_state, h)
@@ -286,8 +314,8 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
     kernel = _kernels().recurrent_step
     fixed = (w[0], norm[2], np.float32(norm[1]), *_ws(w[1]), w[2], *_ws(w[3]), w[4], w[5], w[6], st[0], *w[7:12],
              float(c), bool(unscaled_reset), st[1], *_ws(w[12]), w[13])
-    views.bound, views.name = (lambda xa, r: kernel(xa, *fixed, *r.arrays, gelu, r.threads)), "recurrent_step"
-    views.bound(x.numpy(), rows)
+    views.bound, views.name = (lambda xt, r: kernel(xt.numpy(), *fixed, *r.arrays, gelu, r.threads)), "recurrent_step"
+    views.bound(x, rows)
     FUSED_CALLS["recurrent_step"] += 1
     return x
 
@@ -343,12 +371,22 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
         w = hv((norm[0], inv_freq), rows.unchanged)
         st = w and hv.states(k_cache, v_cache)
         if st:
-            n = _norm(x, norm, w[0])
-            q, k, v = (t.contiguous() for t in linear_many(n, (q_proj, k_proj, v_proj)))
-            out = _kernels().attention_mix(q.numpy(), k.numpy(), v.numpy(), num_heads, w[1], rotary_dim,
-                                           bool(interleaved), st[0], st[1], ring, *rows.arrays, scale, rows.threads)
+            kernel = _kernels().attention_mix
+            rms_kernel = _kernels().rms_norm
+            norm_w, unit_offset, eps = w[0], norm[2], np.float32(norm[1])
+            n = _norm(x, norm, norm_w)
+            qkv = step_products(n, *zip(q_proj, k_proj, v_proj))
+            out_proj = step_products(torch.zeros(n.shape[0], q_proj[0].shape[0]), (o_proj[0],), (o_proj[1],))
+
+            def bound(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
+                (q, q_col), (k, k_col), (v, v_col) = qkv(torch.from_numpy(rms_kernel(xt.numpy(), norm_w, unit_offset, eps)))
+                out = kernel(q.numpy(), q_col, k.numpy(), k_col, v.numpy(), v_col, num_heads, w[1],
+                             rotary_dim, bool(interleaved), st[0], st[1], ring, *r.arrays, scale, r.threads)
+                return xt.add_(out_proj(torch.from_numpy(out))[0][0])
+
+            hv.plans[rows.row_class], hv.name = bound, "attention_mix"
             FUSED_CALLS["attention_mix"] += 1
-            return x.add_(linear(torch.from_numpy(out), *o_proj))
+            return bound(x, rows)
     w = rows.fused and views((norm[0], *q_proj, *k_proj, *v_proj, *o_proj, inv_freq), rows.unchanged)
     st = w and views.states(k_cache, v_cache)
     if not st:
@@ -357,8 +395,8 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
     kernel = _kernels().attention_step
     fixed = (w[0], norm[2], np.float32(norm[1]), *_ws(w[1]), w[2], *_ws(w[3]), w[4], *_ws(w[5]), w[6], *_ws(w[7]),
              w[8], num_heads, w[9], rotary_dim, bool(interleaved), st[0], st[1], ring)
-    views.bound, views.name = (lambda xa, r: kernel(xa, *fixed, *r.arrays, scale, r.threads)), "attention_step"
-    views.bound(x.numpy(), rows)
+    views.bound, views.name = (lambda xt, r: kernel(xt.numpy(), *fixed, *r.arrays, scale, r.threads)), "attention_step"
+    views.bound(x, rows)
     FUSED_CALLS["attention_step"] += 1
     return x
 
@@ -380,16 +418,31 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
     """As `mlp_step_reference`, fused where `rows.fused` or `rows.hybrid` (default: `fusable(x)`)
     and the weights allow."""
     views = views or KernelViews()
-    if rows is not None and rows.hybrid and (w := views.hybrid()((norm[0],), rows.unchanged)):
-        m = _norm(x, norm, w[0])
-        if gate is None:
-            g, u = _EMPTY_ROWS, linear(m, *up)
+    if rows is not None and rows.hybrid and (
+            w := (hv := views.hybrid())((norm[0],), rows.unchanged)):
+        kernel, rms_kernel = _kernels().gated_hidden, _kernels().rms_norm
+        norm_w, unit_offset, eps = w[0], norm[2], np.float32(norm[1])
+        M, code, beta_now = up[0].shape[0], ACTIVATIONS[activation], np.float32(float(beta))
+        m = _norm(x, norm, norm_w)
+        branches = step_products(m, *zip(*((up,) if gate is None else (gate, up))))
+        down_proj = step_products(torch.zeros(m.shape[0], M), (down[0],), (down[1],))
+
+        def bound(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
+            blocks = branches(torch.from_numpy(rms_kernel(xt.numpy(), norm_w, unit_offset, eps)))
+            # (n, k, M) views: the kernel indexes a product of a stacked output as [:, col // M]
+            u, u_col = blocks[-1]
+            g, g_col = (u, -M) if gate is None else blocks[0]
+            hidden = kernel(g.view(g.shape[0], -1, M).numpy(), g_col // M, u.view(u.shape[0], -1, M).numpy(),
+                            u_col // M, code, beta_now, r.threads)
+            return xt.add_(down_proj(torch.from_numpy(hidden))[0][0])
+
+        # a learnable Swish beta that changes in place is an update TreeWatch does not see (as below)
+        if isinstance(beta, torch.Tensor) and beta.requires_grad:
+            hv.plans.clear()
         else:
-            g, u = (t.contiguous() for t in linear_many(m, (gate, up)))
-            g = g.numpy()
-        hidden = _kernels().gated_hidden(g, u.numpy(), ACTIVATIONS[activation], np.float32(float(beta)), rows.threads)
+            hv.plans[rows.row_class], hv.name = bound, "mlp_mix"
         FUSED_CALLS["mlp_mix"] += 1
-        return x.add_(linear(torch.from_numpy(hidden), *down))
+        return bound(x, rows)
     fused = fusable(x) if rows is None else rows.fused
     w = fused and views((norm[0], *(gate or (None, None)), *up, *down), rows is not None and rows.unchanged)
     if not w:
@@ -401,7 +454,7 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
     fixed = (w[0], norm[2], np.float32(norm[1]), *w_gate, w[2], *_ws(w[3]), w[4], *_ws(w[5]), w[6],
              ACTIVATIONS[activation], np.float32(float(beta)))
     views.bound = None if isinstance(beta, torch.Tensor) and beta.requires_grad else (
-        lambda xa, r: kernel(xa, *fixed, r.threads))
+        lambda xt, r: kernel(xt.numpy(), *fixed, r.threads))
     views.name = "mlp_step"
     kernel(x.numpy(), *fixed, numba_common.threads() if rows is None else rows.threads)
     FUSED_CALLS["mlp_step"] += 1
@@ -422,10 +475,18 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
     """As `logits_reference` for a step's rows x (n, D) -> (n, V), fused where `rows.fused`
     (default: `fusable(x)`) and the weights allow."""
     views = views or KernelViews()
-    if rows is not None and rows.hybrid and (w := views.hybrid()((norm[0],), rows.unchanged)):
+    if rows is not None and rows.hybrid and (w := (hv := views.hybrid())((norm[0],), rows.unchanged)):
+        rms_kernel = _kernels().rms_norm
+        norm_w, unit_offset, eps = w[0], norm[2], np.float32(norm[1])
+        output_layer = step_products(_norm(x, norm, norm_w), (embedding,))
+
+        def bound_mix(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
+            logits = output_layer(torch.from_numpy(rms_kernel(xt.numpy(), norm_w, unit_offset, eps)))[0][0]
+            return logits if soft_cap is None else torch.tanh(logits.div_(soft_cap)).mul_(soft_cap)
+
+        hv.plans[rows.row_class], hv.name = bound_mix, "logits_mix"
         FUSED_CALLS["logits_mix"] += 1
-        logits = linear(_norm(x, norm, w[0]), embedding)
-        return logits if soft_cap is None else torch.tanh(logits.div_(soft_cap)).mul_(soft_cap)
+        return bound_mix(x, rows)
     fused = fusable(x) if rows is None else rows.fused
     w = fused and views((norm[0], embedding), rows is not None and rows.unchanged)
     if not w:
@@ -435,9 +496,9 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
     fixed = (w[0], norm[2], np.float32(norm[1]), *_ws(w[1]), np.float32(soft_cap or 0.0))
     V = embedding.shape[0]
 
-    def bound(xa: np.ndarray, r: StepRows) -> torch.Tensor:
-        logits = torch.empty(xa.shape[0], V)
-        kernel(xa, *fixed, logits.numpy(), r.threads)
+    def bound(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
+        logits = torch.empty(xt.shape[0], V)
+        kernel(xt.numpy(), *fixed, logits.numpy(), r.threads)
         return logits
 
     views.bound, views.name = bound, "logits_step"

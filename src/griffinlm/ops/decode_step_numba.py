@@ -253,21 +253,35 @@ def recurrent_step(x, norm_w, unit_offset, eps, w_y, s_y, b_y, w_x, s_x, b_x, co
         _linear_rows(z, w_out, s_out, b_out, x, True, lo, hi)
 
 
+@njit(fastmath=FM, inline="always")
+def _columns(a, col, width, b, out):
+    """out[b, :] = a[b, col:col + width]: one product's columns of a stacked GEMM output
+    (`ops.linear.step_products`)."""
+    for r in range(width):
+        out[b, r] = a[b, col + r]
+
+
 @njit(parallel=True, fastmath=FM, cache=True)
-def conv_mix(u, conv_w, conv_b, conv_state, slots, pos, doc_start):
-    """The recurrent block's conv step for many rows: u (B, R) (the input projection, bias
-    included) -> (B, R), updating rows slots[b] of conv_state (N, W-1, R) in place."""
-    xc = np.empty_like(u)
-    for b in prange(u.shape[0]):
+def conv_mix(u3, ui, conv_w, conv_b, conv_state, slots, pos, doc_start):
+    """The recurrent block's conv step for many rows: its input projection u = u3[:, ui] (B, R)
+    (bias included; u3 (B, k, R) holds k products of width R side by side) -> (B, R), updating rows
+    slots[b] of conv_state (N, W-1, R) in place."""
+    B, R = u3.shape[0], u3.shape[2]
+    u = np.empty((B, R), f32)
+    xc = np.empty((B, R), f32)
+    for b in prange(B):
+        for r in range(R):
+            u[b, r] = u3[b, ui, r]
         _conv_row(u, b, conv_w, conv_b, conv_state, slots[b], pos[b], doc_start[b], xc)
     return xc
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def rglru_mix(xc, gate_r, gate_i, y, lam, c, unscaled_reset, h, slots, pos, doc_start, gelu_code, parts):
+def rglru_mix(xc, gate_r, gate_i, y3, yi, lam, c, unscaled_reset, h, slots, pos, doc_start, gelu_code, parts):
     """The RG-LRU step for many rows from its gates' pre-activations gate_r, gate_i (H, B, bw)
-    (computed by batched GEMMs): xc, y (B, R) -> z (B, R) = act(y) * h_new, updating rows
-    slots[b] of h (N, R) in place (as `recurrent_step`)."""
+    (computed by batched GEMMs): xc (B, R) and the gate branch y = y3[:, yi] (B, R) (y3 as in
+    `conv_mix`) -> z (B, R) = act(y) * h_new, updating rows slots[b] of h (N, R) in place (as
+    `recurrent_step`)."""
     H, B, bw = gate_r.shape
     R = H * bw
     log_a = np.empty(R, f32)
@@ -280,15 +294,16 @@ def rglru_mix(xc, gate_r, gate_i, y, lam, c, unscaled_reset, h, slots, pos, doc_
         lo, hi = row_chunk(B, parts, ch)
         for b in range(lo, hi):
             if gelu_code == GELU_TANH:  # a constant activation code inside: the channel loop vectorises
-                _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, pos, doc_start, GELU_TANH, z)
+                _rglru_row(b, xc, gate_r, gate_i, y3, yi, log_a, cf, unscaled_reset, h, slots, pos, doc_start,
+                           GELU_TANH, z)
             else:
-                _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, pos, doc_start,
+                _rglru_row(b, xc, gate_r, gate_i, y3, yi, log_a, cf, unscaled_reset, h, slots, pos, doc_start,
                            gelu_code, z)
     return z
 
 
 @njit(fastmath=FM, inline="always")
-def _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, pos, doc_start, act, z):
+def _rglru_row(b, xc, gate_r, gate_i, y3, yi, log_a, cf, unscaled_reset, h, slots, pos, doc_start, act, z):
     """Row b of `rglru_mix`."""
     H, bw = gate_r.shape[0], gate_r.shape[2]
     # a reset multiplies a by 0 and (unscaled) replaces sqrt(1 - a^2) by 1: no branch in the
@@ -303,7 +318,7 @@ def _rglru_row(b, xc, gate_r, gate_i, y, log_a, cf, unscaled_reset, h, slots, po
             mult += force * (f32(1.0) - mult)
             hn = keep * a_t * h[sb, r] + xc[b, r] * g_i * mult
             h[sb, r] = hn
-            z[b, r] = hn * _act(y[b, r], act, f32(1.0))
+            z[b, r] = hn * _act(y3[b, yi, r], act, f32(1.0))
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
@@ -341,17 +356,24 @@ def attention_step(x, norm_w, unit_offset, eps, w_q, s_q, b_q, w_k, s_k, b_k, w_
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def attention_mix(q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
-                  slots, pos, doc_start, scale, parts):
-    """The attention block's step between its projections, for many rows: q (B, H*hd), k, v
-    (B, Hkv*hd) -> out (B, H*hd), as `attention_step` (RoPE on q and k in place, this token's
-    key/value written to rows slots[b] of the cache, then attention over them)."""
-    B = q.shape[0]
+def attention_mix(q_out, q_col, k_out, k_col, v_out, v_col, num_heads, inv_freq, rotary_dim, interleaved,
+                  k_cache, v_cache, ring, slots, pos, doc_start, scale, parts):
+    """The attention block's step between its projections, for many rows: q is the column block
+    q_out[:, q_col:q_col + H*hd], k and v likewise (Hkv*hd wide; the three may be blocks of one
+    stacked output; biases included) -> out (B, H*hd), as `attention_step` (RoPE on q and k, this
+    token's key/value written to rows slots[b] of the cache, then attention over them)."""
+    B = q_out.shape[0]
+    Hkv, hd = k_cache.shape[1], k_cache.shape[3]
+    q = np.empty((B, num_heads * hd), f32)
+    k = np.empty((B, Hkv * hd), f32)
+    v = np.empty((B, Hkv * hd), f32)
     for b in prange(B):
+        _columns(q_out, q_col, num_heads * hd, b, q)
+        _columns(k_out, k_col, Hkv * hd, b, k)
+        _columns(v_out, v_col, Hkv * hd, b, v)
         _rope_and_write_row(b, q, k, v, num_heads, inv_freq, rotary_dim, interleaved, k_cache, v_cache, ring,
                             slots[b], pos[b], doc_start[b])
     out = np.empty((B, q.shape[1]), f32)
-    Hkv = k_cache.shape[1]
     split = _head_split(B * Hkv, num_heads // Hkv, parts)
     for job in prange(B * Hkv * split):
         _attend_job(job, split, q, num_heads, k_cache, v_cache, ring, slots, pos, doc_start, scale, out)
@@ -445,20 +467,22 @@ def _attend_job(job, split, q, num_heads, k_cache, v_cache, ring, slots, pos, do
 
 
 @njit(parallel=True, fastmath=FM, cache=True)
-def gated_hidden(gate, up, act, beta, parts):
-    """The MLP's hidden layer between its projections, for many rows: act(gate) * up, or act(up)
-    for an empty (0, 0) gate; (B, M) -> (B, M)."""
-    B, M = up.shape
+def gated_hidden(g3, gi, u3, ui, act, beta, parts):
+    """The MLP's hidden layer between its projections, for many rows: act(g3[:, gi]) * u3[:, ui],
+    or act(u3[:, ui]) for gi < 0 (no gate); g3, u3 (B, k, M) hold k products of width M side by
+    side (they may be one stacked output; biases included) -> (B, M)."""
+    B, M = u3.shape[0], u3.shape[2]
     hid = np.empty((B, M), f32)
-    gated = gate.shape[0] > 0
+    gated = gi >= 0
     for c in prange(parts):
         lo, hi = row_chunk(B, parts, c)
         for b in range(lo, hi):
-            for m in range(M):
-                if gated:
-                    hid[b, m] = _act(gate[b, m], act, beta) * up[b, m]
-                else:
-                    hid[b, m] = _act(up[b, m], act, beta)
+            if gated:
+                for m in range(M):
+                    hid[b, m] = _act(g3[b, gi, m], act, beta) * u3[b, ui, m]
+            else:
+                for m in range(M):
+                    hid[b, m] = _act(u3[b, ui, m], act, beta)
     return hid
 
 

@@ -98,6 +98,11 @@ def _override() -> str:
     return backend
 
 
+def override() -> str:
+    """The backend every product is forced to now ("auto": the measured choices)."""
+    return _forced[-1] if _forced else _env_backend()
+
+
 @functools.lru_cache(maxsize=None)
 def _env_backend() -> str:
     """GRIFFINLM_GEMM, read once per process."""

@@ -15,6 +15,8 @@ is F.linear itself.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -48,11 +50,10 @@ def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) 
     return torch.ops.mkldnn._linear_pointwise(a.contiguous(), w, bias, "none", [], "")
 
 
-def forward_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 packable: bool = True) -> torch.Tensor:
-    """x (M, K) -> (M, N) on the backend measured fastest for the shape (fp32, no autograd).
-    packable=False for a weight that changes at every call (a LoRA factor in training): its
-    oneDNN packing would be redone each time, so only the unpacked backends compete."""
+def _forward_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     packable: bool) -> tuple[str, torch.Tensor]:
+    """(backend, weight operand) of the forward product x (M, K) W^T for x's shape class: the
+    backend measured fastest, and the weight as that backend takes it (packed for "onednn_packed")."""
     M, K = x.shape
     N = weight.shape[0]
     product = "forward" if packable else "forward_unpacked"
@@ -64,12 +65,23 @@ def forward_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return out
 
     backend = gb.choose(product, x.dtype, M, N, K, candidates)
-    if backend == "onednn_packed" and (not packable or (p := gb.packed(weight)) is None):
+    if backend == "onednn_packed":
+        if packable and (p := gb.packed(weight)) is not None:
+            return backend, p
         backend = "onednn"  # over the copies' budget (or forced)
+    return backend, weight
+
+
+def forward_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 packable: bool = True) -> torch.Tensor:
+    """x (M, K) -> (M, N) on the backend measured fastest for the shape (fp32, no autograd).
+    packable=False for a weight that changes at every call (a LoRA factor in training): its
+    oneDNN packing would be redone each time, so only the unpacked backends compete."""
+    backend, w = _forward_backend(x, weight, bias, packable)
     GEMM_CALLS[f"forward:{backend}"] += 1
     if backend == "mkl":
         return F.linear(x, weight, bias)
-    return _onednn(x, p if backend == "onednn_packed" else weight, bias)
+    return _onednn(x, w, bias)
 
 
 def grad_input_fp32(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -200,6 +212,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
+def _stacked_weight(x: torch.Tensor, layers: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
+                    ) -> torch.Tensor | None:
+    """The layers' weights stacked along N in oneDNN's packed layout when one GEMM on them is the
+    measured choice for x's shape class (fp32, no autograd, at least two plain weights), else None."""
+    weights = tuple(w for w, _ in layers)
+    if (torch.is_grad_enabled() or x.dim() != 2 or len(layers) < 2
+            or any(isinstance(w, QuantizedWeight) or _mode(x, w, b) != "fp32" for w, b in layers)):
+        return None
+    M, K = x.shape
+    sizes = [w.shape[0] for w in weights]
+
+    def candidates():
+        def stacked():
+            p = gb.packed_concat(weights)
+            return [linear(x, w, b) for w, b in layers] if p is None else _onednn(x, p).split(sizes, dim=1)
+
+        # "mkl" here stands for separate products, each on its own measured backend
+        return {"mkl": lambda: [linear(x, w, b) for w, b in layers], "onednn_packed": stacked}
+
+    if gb.choose("forward_stacked", x.dtype, M, sum(sizes), K, candidates) != "onednn_packed":
+        return None
+    return gb.packed_concat(weights)  # None over the copies' budget
+
+
 def linear_many(x: torch.Tensor, layers: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]) -> list[torch.Tensor]:
     """[linear(x, w, b) for (w, b) in layers], as one GEMM on their stacked weights where oneDNN's
     prepacked kernel is the measured choice for the stacked shape (no autograd, x (M, K)); the
@@ -207,25 +243,73 @@ def linear_many(x: torch.Tensor, layers: tuple[tuple[torch.Tensor, torch.Tensor 
 
     Used by the decoding step, whose projections of one normed input (q/k/v, gate/up, the
     recurrent block's two branches) are each too narrow at a few rows to reach the GEMM rate."""
-    weights = tuple(w for w, _ in layers)
-    if (torch.is_grad_enabled() or x.dim() != 2 or len(layers) < 2
-            or any(isinstance(w, QuantizedWeight) or _mode(x, w, b) != "fp32" for w, b in layers)):
-        return [linear(x, w, b) for w, b in layers]
-    M, K = x.shape
-    sizes = [w.shape[0] for w in weights]
-
-    def stacked() -> list[torch.Tensor]:
-        p = gb.packed_concat(weights)
-        if p is None:  # over the copies' budget
-            return [linear(x, w, b) for w, b in layers]
-        outs = list(_onednn(x, p).split(sizes, dim=1))  # column views of one (M, sum N) result
-        return [o if b is None else o.add_(b) for o, (_, b) in zip(outs, layers)]
-
-    def candidates():
-        return {"mkl": lambda: [linear(x, w, b) for w, b in layers], "onednn_packed": stacked}
-
-    # "mkl" here stands for separate products, each on its own measured backend
-    if gb.choose("forward_stacked", x.dtype, M, sum(sizes), K, candidates) != "onednn_packed":
+    p = _stacked_weight(x, layers)
+    if p is None:
         return [linear(x, w, b) for w, b in layers]
     GEMM_CALLS["forward_stacked:onednn_packed"] += 1
-    return stacked()
+    outs = _onednn(x, p).split([w.shape[0] for w, _ in layers], dim=1)  # column views of one (M, sum N) result
+    return [o if b is None else o.add_(b) for o, (_, b) in zip(outs, layers)]
+
+
+ColumnBlock = tuple[torch.Tensor, int]  # (out (M, *), col): a product is out[:, col:col + N]
+
+
+def step_products(x: torch.Tensor, weights: tuple[torch.Tensor, ...],
+                  biases: tuple[torch.Tensor | None, ...] | None = None) -> Callable[[torch.Tensor], list[ColumnBlock]]:
+    """`linear_many(x, zip(weights, biases))` with every choice made once for x's shape class, for a
+    decoding step that repeats the same products each token.
+
+    Returns a call a (M', K) -> [(out_i, col_i)], a of x's row class (`gemm_backend.row_class`):
+    product i (its bias included) is out_i[:, col_i:col_i + N_i], all of them column blocks of
+    one contiguous (M', sum N) output where the stacked GEMM is the choice (the biases then
+    stacked too, as a copy), else one contiguous output each at col 0; kernels index them in
+    place, no copies of column views. The measured backends, packed copies and dtype checks are
+    resolved here; the call only compares the weights' and biases' version counters and the GEMM
+    override (`gemm_backend.force`, copies disabled) with those it was resolved under, and
+    resolves again when one changed (an in-place update would leave a copy stale)."""
+    biases = (None,) * len(weights) if biases is None else tuple(biases)
+    if len(biases) != len(weights):
+        raise ValueError(f"step_products: {len(weights)} weights but {len(biases)} biases")
+    layers = tuple(zip(weights, biases))
+    watched = tuple(t for t in (*weights, *biases) if isinstance(t, torch.Tensor))
+
+    def stamps() -> tuple:
+        return (*(t._version for t in watched), gb.override(), gb.COPIES.enabled)
+
+    def resolve() -> Callable[[torch.Tensor], list[ColumnBlock]]:
+        if (torch.is_grad_enabled() or x.dim() != 2
+                or any(isinstance(w, QuantizedWeight) or _mode(x, w, b) != "fp32" for w, b in layers)):
+            # quantized, bf16 autocast, other dtypes: the general ops
+            return lambda a: [(t.contiguous(), 0) for t in linear_many(a, layers)]
+        uniform = all(b is None for b in biases) or all(b is not None for b in biases)
+        if uniform and (p := _stacked_weight(x, layers)) is not None:
+            cols = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]
+            bias = None if biases[0] is None else gb.COPIES.get("concat_bias", biases, torch.cat)
+            if biases[0] is None or bias is not None:
+                def stacked(a: torch.Tensor) -> list[ColumnBlock]:
+                    GEMM_CALLS["forward_stacked:onednn_packed"] += 1
+                    out = _onednn(a, p, bias)
+                    return [(out, c) for c in cols]
+                return stacked
+        calls = []
+        for w, b in layers:
+            backend, operand = _forward_backend(x, w, b, True)
+            calls.append((f"forward:{backend}", (lambda a, w=w, b=b: F.linear(a, w, b)) if backend == "mkl"
+                          else (lambda a, w=operand, b=b: _onednn(a, w, b))))
+
+        def separate(a: torch.Tensor) -> list[ColumnBlock]:
+            out = []
+            for key, fn in calls:
+                GEMM_CALLS[key] += 1
+                out.append((fn(a), 0))
+            return out
+        return separate
+
+    state = [stamps(), resolve()]
+
+    def call(a: torch.Tensor) -> list[ColumnBlock]:
+        now = stamps()
+        if now != state[0]:
+            state[:] = [now, resolve()]
+        return state[1](a)
+    return call
