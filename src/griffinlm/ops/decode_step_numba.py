@@ -434,33 +434,42 @@ def _attend_job(job, split, q, num_heads, k_cache, v_cache, ring, slots, pos, do
     # a ring's slots outside them (older, or never written) are not read at all.
     lo = max(doc_start[b], 0, p_b - S + 1) if ring else max(doc_start[b], 0)
     n_k = (p_b if ring else min(p_b, S - 1)) - lo + 1
-    scores = np.empty((n_e, n_k), f32)
-    best = np.full(n_e, -np.inf, f32)
     head0 = g * rep + e_lo
+    # The chunk's query heads, scaled, in a local array; the cache is indexed element-wise (no
+    # row views in the key loops) and each softmax row normalised once: ~1.2x faster than with them.
+    qs = np.empty((n_e, hd), f32)
+    for e in range(n_e):
+        for d in range(hd):
+            qs[e, d] = q[b, (head0 + e) * hd + d] * scale
+    scores = np.empty((n_e, n_k), f32)
     for i in range(n_k):
-        ks = k_cache[sb, g, (lo + i) % S if ring else lo + i]
+        at = (lo + i) % S if ring else lo + i
         for e in range(n_e):
-            qh = q[b, (head0 + e) * hd:(head0 + e + 1) * hd]
             acc = f32(0.0)
             for d in range(hd):
-                acc += qh[d] * ks[d]
-            scores[e, i] = acc * scale
-            best[e] = max(best[e], scores[e, i])
-    total = np.zeros(n_e, f32)
+                acc += qs[e, d] * k_cache[sb, g, at, d]
+            scores[e, i] = acc
     for e in range(n_e):
+        best = -np.inf
         for i in range(n_k):
-            v = exp32(scores[e, i] - best[e])
+            best = max(best, scores[e, i])
+        total = f32(0.0)
+        for i in range(n_k):
+            v = exp32(scores[e, i] - best)
             scores[e, i] = v
-            total[e] += v
+            total += v
+        inv = f32(1.0) / total
+        for i in range(n_k):
+            scores[e, i] *= inv
     # Accumulate in a local array: stores into `out` inside the loop would not vectorise
     # (numba cannot rule out that out and v_cache overlap).
     acc_v = np.zeros((n_e, hd), f32)
     for i in range(n_k):
-        vs = v_cache[sb, g, (lo + i) % S if ring else lo + i]
+        at = (lo + i) % S if ring else lo + i
         for e in range(n_e):
-            w = scores[e, i] / total[e]
+            w = scores[e, i]
             for d in range(hd):
-                acc_v[e, d] += w * vs[d]
+                acc_v[e, d] += w * v_cache[sb, g, at, d]
     for e in range(n_e):
         for d in range(hd):
             out[b, (head0 + e) * hd + d] = acc_v[e, d]
