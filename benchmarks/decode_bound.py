@@ -150,9 +150,11 @@ def bench_bound(args) -> dict:
         fused = {(B, path): 0 for B in batches for path in paths}
         gemm_t = {B: [] for B in batches}
         copy_t = []
-        for _ in range(args.repeats):  # interleaved: every quantity sees the same machine
+        for rep in range(args.repeats):  # interleaved: every quantity sees the same machine
             for B in batches:
-                for path in paths:
+                # the paths in turn first: the first step after the probes finds colder caches and
+                # idle thread pools (worth ~0.5 ms at batch 1), which must not always fall on one path
+                for path in paths[rep % len(paths):] + paths[:rep % len(paths)]:
                     with path_context(path):
                         caches[B].positions.fill_(L)  # every repeat steps from length L
                         calls = sum(ops_step.step_kernel_calls().values())
