@@ -88,6 +88,36 @@ def test_lora_logits_equal_merged_on_every_path(name, fused):
         assert torch.allclose(ref, fast, atol=2e-5, rtol=1e-5)
 
 
+def test_fused_dropout_streams_follow_the_distributed_rank(monkeypatch):
+    """Data-parallel ranks draw the same dropout seeds; without being told, each fused adapter's
+    stream is its process's rank, so ranks drop different units; `set_dropout_stream` fixes it."""
+    from griffinlm.finetune.lora import set_dropout_stream
+
+    torch.manual_seed(0)
+    lm = LanguageModel(ModelConfig.preset("hawk-tiny", **SMALL))
+    pm = apply_lora(lm, LoraSettings(r=4, alpha=8, dropout=0.5, gates=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm.train()
+    tokens = torch.randint(0, 256, (2, 12))
+
+    def logits(rank):
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: rank is not None)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+        torch.manual_seed(7)  # every rank draws the same seeds
+        with torch.no_grad():
+            return lm(tokens)
+
+    alone, rank0, rank1 = logits(None), logits(0), logits(1)
+    assert torch.equal(alone, rank0) and not torch.equal(rank0, rank1)
+    set_dropout_stream(lm, 0)  # an explicit stream wins over the rank
+    assert torch.equal(logits(1), rank0)
+    set_dropout_stream(lm, None)
+    assert torch.equal(logits(1), rank1)
+
+
 def test_quantizing_an_adapted_model_is_refused():
     from griffinlm.quantize import quantize_
 

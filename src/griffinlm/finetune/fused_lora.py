@@ -17,11 +17,20 @@ from ..layers.adapters import is_plain_lora
 from ..ops.lora import fusable, lora_linear
 
 
+def default_dropout_stream() -> int:
+    """The process's rank once torch.distributed is initialized, else 0: data-parallel ranks,
+    which draw the same seeds from one RNG state, then drop different units (LoRA trains data
+    parallel only, so the global rank is the DP rank)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class FusedLoraLinear(PeftLoraLinear):
     """peft's `lora.Linear` over our `Linear`, forward through `ops.lora_linear`. `dropout_stream`:
-    set per data-parallel rank (`lora.set_dropout_stream`) so that ranks drop independently."""
+    None (the default) takes `default_dropout_stream()` at each call, so ranks drop independently
+    without being told; `lora.set_dropout_stream` fixes it."""
 
-    dropout_stream = 0
+    dropout_stream: int | None = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapters = [a for a in self.active_adapters if a in self.lora_A]
@@ -35,4 +44,4 @@ class FusedLoraLinear(PeftLoraLinear):
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
         return lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], p,
-                           stream=self.dropout_stream)
+                           stream=default_dropout_stream() if self.dropout_stream is None else self.dropout_stream)

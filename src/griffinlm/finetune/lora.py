@@ -172,9 +172,10 @@ def apply_lora(model: LanguageModel, settings: LoraSettings, fused: bool = True)
         return peft.get_peft_model(model, settings.peft_config(model, fused=fused))
 
 
-def set_dropout_stream(model: nn.Module, stream: int) -> None:
+def set_dropout_stream(model: nn.Module, stream: int | None) -> None:
     """Makes the fused adapters' dropout masks of this process independent of those of processes
-    with another `stream` (a data-parallel rank: all ranks draw the same seeds from one RNG state)."""
+    with another `stream` (a data-parallel rank: all ranks draw the same seeds from one RNG state).
+    Without a call (or with None) the stream is the process's torch.distributed rank, 0 outside one."""
     from .fused_lora import FusedLoraLinear
 
     for m in model.modules():

@@ -379,7 +379,8 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
             out_proj = step_products(torch.zeros(n.shape[0], q_proj[0].shape[0]), (o_proj[0],), (o_proj[1],))
 
             def bound(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
-                (q, q_col), (k, k_col), (v, v_col) = qkv(torch.from_numpy(rms_kernel(xt.numpy(), norm_w, unit_offset, eps)))
+                normed = torch.from_numpy(rms_kernel(xt.numpy(), norm_w, unit_offset, eps))
+                (q, q_col), (k, k_col), (v, v_col) = qkv(normed)
                 out = kernel(q.numpy(), q_col, k.numpy(), k_col, v.numpy(), v_col, num_heads, w[1],
                              rotary_dim, bool(interleaved), st[0], st[1], ring, *r.arrays, scale, r.threads)
                 return xt.add_(out_proj(torch.from_numpy(out))[0][0])
