@@ -303,6 +303,13 @@ def test_hybrid_step_binds_once_per_row_class_and_follows_changes(monkeypatch):
         for p in model.parameters():
             p.mul_(0.9)  # in place: the bound calls stay, their GEMMs resolve again
     assert step(large) == 0 and step(small) == 0
+    # replaced weights (what a LoRA model's merged weights are after training): the step that
+    # notices binds its class again, and the other class's bound calls may not outlive them
+    for block in model.blocks:
+        for lin in (block.mlp.up_proj, getattr(block.temporal, "linear_x", None), getattr(block.temporal, "q_proj", None)):
+            if lin is not None:
+                lin.weight = torch.nn.Parameter(torch.randn_like(lin.weight) * 0.2)
+    assert step(large) > 0 and step(small) > 0
     if onednn_available():
         for backend in ("onednn_packed", "mkl"):
             GEMM_CALLS.clear()

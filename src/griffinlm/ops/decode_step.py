@@ -113,7 +113,8 @@ class KernelViews:
     owns one per fused op it calls, so a decoding step does not re-derive ~20 views per op, and
     tries `run` (the op's bound kernel call) before gathering the op's arguments at all."""
 
-    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound", "name", "hybrid_views", "plans")
+    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound", "name", "hybrid_views", "plans",
+                 "plan_inputs")
 
     def __init__(self) -> None:
         self.tensors: tuple = ()
@@ -130,6 +131,7 @@ class KernelViews:
         # The hybrid path's bound calls by row class (`gemm_backend.row_class`): its GEMMs'
         # backends and packed weights are resolved per class (`linear.step_products`).
         self.plans: dict[int, object] = {}
+        self.plan_inputs: tuple = ()  # the other tensors (projections) the plans were bound to
 
     def hybrid(self) -> "KernelViews":
         """The memo of the same layer's hybrid path."""
@@ -156,6 +158,16 @@ class KernelViews:
         out = bound(x, rows)
         FUSED_CALLS[memo.name] += 1
         return x if out is None else out
+
+    def bind(self, row_class: int, name: str, inputs: tuple, bound) -> None:
+        """Keeps `bound` as the hybrid path's call for `row_class`. `inputs`: the op's tensors that
+        the views do not hold (its projections, which the call's GEMMs read); when they are other
+        objects than those of the kept calls (replaced parameters, a LoRA model's re-merged
+        weights), every other class's call is dropped first: it would compute with the old ones."""
+        if len(inputs) != len(self.plan_inputs) or not all(map(operator.is_, inputs, self.plan_inputs)):
+            self.plans.clear()
+            self.plan_inputs = inputs
+        self.plans[row_class], self.name = bound, name
 
     def states(self, *pool: torch.Tensor) -> tuple[np.ndarray, ...] | None:
         """Numpy arrays of a state pool's tensors (shared memory; pools are allocated once and
@@ -302,7 +314,7 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
                                 bool(unscaled_reset), st[1], *r.arrays, gelu, r.threads)
                 return xt.add_(out_proj(torch.from_numpy(z))[0][0])
 
-            hv.plans[rows.row_class], hv.name = bound, "recurrent_mix"
+            hv.bind(rows.row_class, "recurrent_mix", (*linear_y, *linear_x, *linear_out), bound)
             FUSED_CALLS["recurrent_mix"] += 1
             return bound(x, rows)
     w = rows.fused and views((norm[0], *linear_y, *linear_x, *conv, gr_w, gr_b, gi_w, gi_b, lambda_, *linear_out),
@@ -385,7 +397,7 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
                              rotary_dim, bool(interleaved), st[0], st[1], ring, *r.arrays, scale, r.threads)
                 return xt.add_(out_proj(torch.from_numpy(out))[0][0])
 
-            hv.plans[rows.row_class], hv.name = bound, "attention_mix"
+            hv.bind(rows.row_class, "attention_mix", (*q_proj, *k_proj, *v_proj, *o_proj), bound)
             FUSED_CALLS["attention_mix"] += 1
             return bound(x, rows)
     w = rows.fused and views((norm[0], *q_proj, *k_proj, *v_proj, *o_proj, inv_freq), rows.unchanged)
@@ -441,7 +453,7 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
         if isinstance(beta, torch.Tensor) and beta.requires_grad:
             hv.plans.clear()
         else:
-            hv.plans[rows.row_class], hv.name = bound, "mlp_mix"
+            hv.bind(rows.row_class, "mlp_mix", (*(gate or (None, None)), *up, *down), bound)
         FUSED_CALLS["mlp_mix"] += 1
         return bound(x, rows)
     fused = fusable(x) if rows is None else rows.fused
@@ -485,7 +497,7 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
             logits = output_layer(torch.from_numpy(rms_kernel(xt.numpy(), norm_w, unit_offset, eps)))[0][0]
             return logits if soft_cap is None else torch.tanh(logits.div_(soft_cap)).mul_(soft_cap)
 
-        hv.plans[rows.row_class], hv.name = bound_mix, "logits_mix"
+        hv.bind(rows.row_class, "logits_mix", (embedding,), bound_mix)
         FUSED_CALLS["logits_mix"] += 1
         return bound_mix(x, rows)
     fused = fusable(x) if rows is None else rows.fused
