@@ -14,7 +14,9 @@ autograd, torch.compile). On CPU in float32 without autograd and with numba pres
   - above it (`hybrid`, while `HYBRID`), the projections run as GEMMs on `ops.linear` (the
     fastest backend measured here, prepacked weights) and everything between them (norm, conv,
     gates, RG-LRU, RoPE, the cache writes, attention over the cache, activations) as one
-    `*_mix` numba kernel per op, so a block half is 3-5 calls rather than ~40 torch ops.
+    `*_mix` numba kernel per op, so a block half is 3-5 calls rather than ~40 torch ops; each op
+    binds that sequence once per row class (`linear.step_products` resolves its GEMMs) and
+    replays it while the model is unchanged.
 Both add the block's output into `x` in place (callers use the returned tensor, which is then
 `x` itself). `FUSED_CALLS` counts the kernel calls so that tests can tell a fast path ran;
 `references_only()` turns both off.
@@ -111,7 +113,8 @@ class KernelViews:
     the same tensor objects sit at the same storage (an optimizer's in-place update keeps them;
     `.to()`, `load_state_dict` into new tensors or a replaced parameter re-makes them). A layer
     owns one per fused op it calls, so a decoding step does not re-derive ~20 views per op, and
-    tries `run` (the op's bound kernel call) before gathering the op's arguments at all."""
+    tries `run` (the op's bound call: the streaming kernel's, or the hybrid path's for the step's
+    row class, `plans`) before gathering the op's arguments at all."""
 
     __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound", "name", "hybrid_views", "plans",
                  "plan_inputs")
