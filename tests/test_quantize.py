@@ -10,7 +10,7 @@ import torch
 from griffinlm import LanguageModel, ModelConfig
 from griffinlm.checkpoint import CheckpointError
 from griffinlm.ops import decode_step, numba_common
-from griffinlm.ops.gemm_backend import GEMM_CALLS
+from griffinlm.ops.gemm_backend import GEMM_CALLS, native_bf16
 from griffinlm.ops.quantized import QuantizedWeight, quantized_linear, quantized_linear_reference
 from griffinlm.quantize import quantize_, save_quantized
 
@@ -91,6 +91,35 @@ def test_decoding_kernels_on_quantized_weights_equal_their_references(mode, B, m
             with decode_step.references_only():
                 ref = q.step(tok, caches[1], torch.arange(B))
             assert rel(fast, ref) < 1e-4
+            tok = ref.argmax(-1)
+
+
+@needs_numba
+@pytest.mark.skipif(not native_bf16(), reason="CPU without native bf16")
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_hybrid_step_runs_stacked_bf16_gemms_on_quantized_weights(mode):
+    """Above the streaming rows, a quantized model's projections of one input run as one packed
+    bf16 GEMM (`quantized.stacked_bf16_products`, bound once per row class): logits as the
+    references' separate bf16 GEMMs give, up to their bf16 rounding of the outputs. (Forced: this
+    tiny model's products are below the size where backends are measured.)"""
+    from griffinlm.ops.gemm_backend import force
+
+    q = quantize_(model("griffin", seed=3), mode)
+    B = 2 * decode_step.MAX_BATCH + 1
+    prompts = torch.randint(0, 259, (B, 5))
+    caches = [q.init_cache(B, max_length=32) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            q(prompts, cache=c)
+        tok = torch.randint(0, 259, (B,))
+        for _ in range(4):
+            GEMM_CALLS.clear()
+            with force("onednn_packed"):
+                fast = q.step(tok, caches[0], torch.arange(B))
+            assert GEMM_CALLS[f"quantized_stacked_bf16:{mode}"] > 0
+            with decode_step.references_only():
+                ref = q.step(tok, caches[1], torch.arange(B))
+            assert rel(fast, ref) < 2e-2
             tok = ref.argmax(-1)
 
 

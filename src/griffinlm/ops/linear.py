@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import gemm_backend as gb
 from .gemm_backend import GEMM_CALLS
-from .quantized import QuantizedWeight, quantized_linear
+from .quantized import QuantizedWeight, quantized_linear, stacked_bf16_products
 
 linear_reference = F.linear
 
@@ -262,7 +262,8 @@ def step_products(x: torch.Tensor, weights: tuple[torch.Tensor, ...],
     Returns a call a (M', K) -> [(out_i, col_i)], a of x's row class (`gemm_backend.row_class`):
     product i (its bias included) is out_i[:, col_i:col_i + N_i], all of them column blocks of
     one contiguous (M', sum N) output where the stacked GEMM is the choice (the biases then
-    stacked too, as a copy), else one contiguous output each at col 0; kernels index them in
+    stacked too, as a copy; for quantized weights a bf16 GEMM, `quantized.stacked_bf16_products`),
+    else one contiguous output each at col 0; kernels index them in
     place, no copies of column views. The measured backends, packed copies and dtype checks are
     resolved here, once per GEMM override (`gemm_backend.force`); the call only compares the
     weights' and biases' version counters (and whether copies are enabled) with those it was
@@ -272,15 +273,20 @@ def step_products(x: torch.Tensor, weights: tuple[torch.Tensor, ...],
     if len(biases) != len(weights):
         raise ValueError(f"step_products: {len(weights)} weights but {len(biases)} biases")
     layers = tuple(zip(weights, biases))
-    watched = tuple(t for t in (*weights, *biases) if isinstance(t, torch.Tensor))
+    watched = tuple(t for w in (*weights, *biases) if w is not None
+                    for t in ((w.data, w.scale) if isinstance(w, QuantizedWeight) else (w,)) if t is not None)
 
     def versions() -> tuple:
         return (*(t._version for t in watched), gb.COPIES.enabled)
 
     def resolve() -> Callable[[torch.Tensor], list[ColumnBlock]]:
+        if all(isinstance(w, QuantizedWeight) for w in weights) and (
+                run := stacked_bf16_products(x, weights, biases)) is not None:
+            cols = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]
+            return lambda a: [(out, c) for out in (run(a),) for c in cols]
         if (torch.is_grad_enabled() or x.dim() != 2
                 or any(isinstance(w, QuantizedWeight) or _mode(x, w, b) != "fp32" for w, b in layers)):
-            # quantized, bf16 autocast, other dtypes: the general ops
+            # quantized (elsewhere), bf16 autocast, other dtypes: the general ops
             return lambda a: [(t.contiguous(), 0) for t in linear_many(a, layers)]
         uniform = all(b is None for b in biases) or all(b is not None for b in biases)
         if uniform and (p := _stacked_weight(x, layers)) is not None:

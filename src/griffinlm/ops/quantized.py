@@ -17,11 +17,14 @@ gradient: they are for inference (see `griffinlm.quantize`).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import numba_common
+from . import gemm_backend as gb
 from .gemm_backend import COPIES, GEMM_CALLS, native_bf16
 
 MODES = ("int8", "bf16")
@@ -93,6 +96,52 @@ class QuantizedWeight(nn.Module):
         return f"{self.mode}, shape={tuple(self.shape)}"
 
 
+def bf16_weight(weight: QuantizedWeight) -> torch.Tensor:
+    """The bf16 form a GEMM multiplies: a bf16 weight's own data; for int8 the dequantized bf16
+    copy, made once per weight and kept (None-safe: made afresh past the copies' budget)."""
+    if weight.scale is None:
+        return weight.data
+    got = COPIES.get("int8_bf16", weight.data, lambda _: weight.dequantize(torch.bfloat16))
+    return weight.dequantize(torch.bfloat16) if got is None else got
+
+
+def stacked_bf16_products(x: torch.Tensor, weights: tuple[QuantizedWeight, ...],
+                          biases: tuple[torch.Tensor | None, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For a decoding step's rows x (M, K) above the streaming kernel's rows, on a CPU with native
+    bf16: a call a (M', K) -> (M', sum N) float32 computing every product of x's projections on the
+    quantized weights (biases added in fp32) as one oneDNN bf16 GEMM on their bf16 forms stacked
+    and packed once (cached), where that is the measured choice over separate bf16 GEMMs (as
+    `quantized_linear` runs them); the outputs round to bf16 as that path's do. None elsewhere."""
+    if not (x.dim() == 2 and x.shape[0] > STREAM_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+            and native_bf16() and not torch.is_grad_enabled()):
+        return None
+    forms = tuple(bf16_weight(w) for w in weights)
+    packed = COPIES.get("packed_bf16", forms, lambda ws: torch.ops.mkldnn._reorder_linear_weight(
+        torch.cat(ws) if len(ws) > 1 else ws[0], gb.MAX_ROW_CLASS))
+    if packed is None:  # over the copies' budget
+        return None
+    bias = None
+    if any(b is not None for b in biases):
+        full = tuple(torch.zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases))
+        bias = full[0].detach().float() if len(full) == 1 else torch.cat(full).detach().float()
+    M, K = x.shape
+    xb = x.to(torch.bfloat16)
+
+    def candidates():
+        return {"mkl": lambda: [F.linear(xb, w) for w in forms],
+                "onednn_packed": lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], "")}
+
+    if gb.choose("forward_stacked", torch.bfloat16, M, sum(w.shape[0] for w in weights), K,
+                 candidates) != "onednn_packed":
+        return None
+
+    def run(a: torch.Tensor) -> torch.Tensor:
+        GEMM_CALLS["quantized_stacked_bf16:" + weights[0].mode] += 1
+        out = torch.ops.mkldnn._linear_pointwise(a.to(torch.bfloat16), packed, None, "none", [], "").float()
+        return out if bias is None else out.add_(bias)
+    return run
+
+
 def quantized_linear_reference(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None
                                ) -> torch.Tensor:
     """x (..., K) @ dequantized weight^T + bias, in float32."""
@@ -115,11 +164,7 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
         linear_rows(x2.contiguous().numpy(), data, scale, b.numpy(), out.numpy(), numba_common.threads())
         GEMM_CALLS[f"quantized_stream:{weight.mode}"] += 1
     elif x.device.type == "cpu" and native_bf16() or x.device.type == "cuda":
-        wb = weight.data if weight.scale is None else COPIES.get("int8_bf16", weight.data,
-                                                                   lambda _: weight.dequantize(torch.bfloat16))
-        if wb is None:  # over the copies' budget
-            wb = weight.dequantize(torch.bfloat16)
-        out = F.linear(x2.to(torch.bfloat16), wb).float()
+        out = F.linear(x2.to(torch.bfloat16), bf16_weight(weight)).float()
         if bias is not None:
             out.add_(bias.float())
         GEMM_CALLS[f"quantized_gemm_bf16:{weight.mode}"] += 1
