@@ -281,7 +281,8 @@ compiled step all of them, masked. Prompts of different lengths each prefill the
 
 
 HF_NOTE = """The default step (`model.step`) runs, on CPU in float32, at <= 6 rows (`griffinlm.ops.decode_step.MAX_BATCH`)
-the fused numba ops of `griffinlm/ops/decode_step.py` (kernels in `decode_step_numba.py`): one op per block half
+the fused numba ops of `griffinlm/ops/decode_step.py` (kernels in `decode_step_numba.py`, the hybrid
+ones in `decode_mix_numba.py`): one op per block half
 that splits each weight matrix's rows across the cores and does the block's elementwise work in the same pass,
 reading and writing the stepped slots' rows of the pool in place; above 6 rows the hybrid ops: the projections as
 GEMMs on `ops.linear` (prepacked oneDNN weights where that measured faster) and one numba kernel per block half for

@@ -1,4 +1,4 @@
-"""The fused numba decoding ops (ops/decode_step.py, ops/decode_step_numba.py) against their
+"""The fused numba decoding ops (ops/decode_step.py, ops/decode_step_numba.py, ops/decode_mix_numba.py) against their
 torch references, through `LanguageModel.step` over shuffled slots."""
 from collections import Counter
 
@@ -306,7 +306,8 @@ def test_hybrid_step_binds_once_per_row_class_and_follows_changes(monkeypatch):
     # replaced weights (what a LoRA model's merged weights are after training): the step that
     # notices binds its class again, and the other class's bound calls may not outlive them
     for block in model.blocks:
-        for lin in (block.mlp.up_proj, getattr(block.temporal, "linear_x", None), getattr(block.temporal, "q_proj", None)):
+        temporal = block.temporal
+        for lin in (block.mlp.up_proj, getattr(temporal, "linear_x", None), getattr(temporal, "q_proj", None)):
             if lin is not None:
                 lin.weight = torch.nn.Parameter(torch.randn_like(lin.weight) * 0.2)
     assert step(large) > 0 and step(small) > 0

@@ -14,7 +14,7 @@ autograd, torch.compile). On CPU in float32 without autograd and with numba pres
   - above it (`hybrid`, while `HYBRID`), the projections run as GEMMs on `ops.linear` (the
     fastest backend measured here, prepacked weights) and everything between them (norm, conv,
     gates, RG-LRU, RoPE, the cache writes, attention over the cache, activations) as one
-    `*_mix` numba kernel per op, so a block half is 3-5 calls rather than ~40 torch ops; each op
+    `*_mix` numba kernel per op (`decode_mix_numba`), so a block half is 3-5 calls rather than ~40 torch ops; each op
     binds that sequence once per row class (`linear.step_products` resolves its GEMMs) and
     replays it while the model is unchanged.
 Both add the block's output into `x` in place (callers use the returned tensor, which is then
@@ -265,6 +265,12 @@ def _kernels():
     return decode_step_numba
 
 
+def _mix_kernels():
+    from . import decode_mix_numba  # the hybrid path's kernels, imported as `_kernels`
+
+    return decode_mix_numba
+
+
 # --- recurrent block ---------------------------------------------------------------------------
 def recurrent_step_reference(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Linear,
                              conv: Linear, lru: tuple, linear_out: Linear, gelu_approximate: str,
@@ -296,7 +302,7 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
         w = hv((norm[0], *conv, gr_w, gr_b, gi_w, gi_b, lambda_), rows.unchanged)
         st = w and hv.states(conv_state, h)
         if st:
-            k = _kernels()
+            k, rms_kernel = _mix_kernels(), _kernels().rms_norm
             norm_w, unit_offset, eps = w[0], norm[2], np.float32(norm[1])
             H, bw = gr_w.shape[:2]
             gr_b1, gi_b1 = gr_b.unsqueeze(1), gi_b.unsqueeze(1)
@@ -306,7 +312,7 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
             out_proj = step_products(torch.zeros(n.shape[0], R), (linear_out[0],), (linear_out[1],))
 
             def bound(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
-                (y, y_col), (u, u_col) = branches(torch.from_numpy(k.rms_norm(xt.numpy(), norm_w, unit_offset, eps)))
+                (y, y_col), (u, u_col) = branches(torch.from_numpy(rms_kernel(xt.numpy(), norm_w, unit_offset, eps)))
                 # (n, k, R) views: the kernels index a product of a stacked output as [:, col // R]
                 y3, u3 = y.view(y.shape[0], -1, R).numpy(), u.view(u.shape[0], -1, R).numpy()
                 xc = k.conv_mix(u3, u_col // R, w[1], w[2], st[0], *r.arrays)  # (n, R)
@@ -386,8 +392,7 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
         w = hv((norm[0], inv_freq), rows.unchanged)
         st = w and hv.states(k_cache, v_cache)
         if st:
-            kernel = _kernels().attention_mix
-            rms_kernel = _kernels().rms_norm
+            kernel, rms_kernel = _mix_kernels().attention_mix, _kernels().rms_norm
             norm_w, unit_offset, eps = w[0], norm[2], np.float32(norm[1])
             n = _norm(x, norm, norm_w)
             qkv = step_products(n, *zip(q_proj, k_proj, v_proj))
@@ -436,7 +441,7 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
     views = views or KernelViews()
     if rows is not None and rows.hybrid and (
             w := (hv := views.hybrid())((norm[0],), rows.unchanged)):
-        kernel, rms_kernel = _kernels().gated_hidden, _kernels().rms_norm
+        kernel, rms_kernel = _mix_kernels().gated_hidden, _kernels().rms_norm
         norm_w, unit_offset, eps = w[0], norm[2], np.float32(norm[1])
         M, code, beta_now = up[0].shape[0], ACTIVATIONS[activation], np.float32(float(beta))
         m = _norm(x, norm, norm_w)
