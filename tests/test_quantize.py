@@ -1,5 +1,6 @@
 """Weight-only quantization (`griffinlm.quantize`, `ops.quantized`): accuracy against fp32, the
 decoding kernels on quantized weights against their references, save/load, errors."""
+import contextlib
 import copy
 import json
 import os
@@ -77,20 +78,36 @@ def test_decoding_kernels_on_quantized_weights_equal_their_references(mode, B, m
 
     monkeypatch.setattr(quantized, "native_bf16", lambda: False)
     q = quantize_(model("griffin", seed=B), mode)
+
+    calls = {}
+
+    def mark():
+        calls["before"] = decode_step.step_kernel_calls()
+
+    def check(fast, ref):  # the references add no kernel calls
+        ran = decode_step.step_kernel_calls() - calls["before"]
+        assert ran["recurrent_step" if B <= decode_step.MAX_BATCH else "recurrent_mix"] == 2
+        assert rel(fast, ref) < 1e-4
+
+    decode_both(q, B, 6, check, mark)
+
+
+def decode_both(q, B: int, steps: int, check, before_step=lambda: None, context=contextlib.nullcontext):
+    """Prefills two pools of B slots alike, then steps them `steps` times with the fast path (inside
+    `context()`) and the references; check(fast, ref) after each step (before_step() before it)."""
     prompts = torch.randint(0, 259, (B, 5))
     caches = [q.init_cache(B, max_length=32) for _ in range(2)]
     with torch.no_grad():
         for c in caches:
             q(prompts, cache=c)
         tok = torch.randint(0, 259, (B,))
-        for _ in range(6):
-            before = decode_step.step_kernel_calls()
-            fast = q.step(tok, caches[0], torch.arange(B))
-            ran = decode_step.step_kernel_calls() - before
-            assert ran["recurrent_step" if B <= decode_step.MAX_BATCH else "recurrent_mix"] == 2
+        for _ in range(steps):
+            before_step()
+            with context():
+                fast = q.step(tok, caches[0], torch.arange(B))
             with decode_step.references_only():
                 ref = q.step(tok, caches[1], torch.arange(B))
-            assert rel(fast, ref) < 1e-4
+            check(fast, ref)
             tok = ref.argmax(-1)
 
 
@@ -105,22 +122,12 @@ def test_hybrid_step_runs_stacked_bf16_gemms_on_quantized_weights(mode):
     from griffinlm.ops.gemm_backend import force
 
     q = quantize_(model("griffin", seed=3), mode)
-    B = 2 * decode_step.MAX_BATCH + 1
-    prompts = torch.randint(0, 259, (B, 5))
-    caches = [q.init_cache(B, max_length=32) for _ in range(2)]
-    with torch.no_grad():
-        for c in caches:
-            q(prompts, cache=c)
-        tok = torch.randint(0, 259, (B,))
-        for _ in range(4):
-            GEMM_CALLS.clear()
-            with force("onednn_packed"):
-                fast = q.step(tok, caches[0], torch.arange(B))
-            assert GEMM_CALLS[f"quantized_stacked_bf16:{mode}"] > 0
-            with decode_step.references_only():
-                ref = q.step(tok, caches[1], torch.arange(B))
-            assert rel(fast, ref) < 2e-2
-            tok = ref.argmax(-1)
+
+    def check(fast, ref):
+        assert GEMM_CALLS[f"quantized_stacked_bf16:{mode}"] > 0
+        assert rel(fast, ref) < 2e-2
+
+    decode_both(q, 2 * decode_step.MAX_BATCH + 1, 4, check, GEMM_CALLS.clear, lambda: force("onednn_packed"))
 
 
 def trained_model(tmp_path):
