@@ -58,8 +58,8 @@ def bound_config(args):
     return ModelConfig.preset(args.preset, vocab_size=256) if args.preset else model_config("griffin", args)
 
 
-def describe(cfg, preset: str | None) -> str:
-    c = cfg
+def describe(c, preset: str | None) -> str:
+    """The model line of the results: `c` is the ModelConfig, `preset` its name if any."""
     hd = c.head_dim or c.width // c.num_heads
     return (f"{preset or 'griffin'}, width {c.width}, depth {c.depth}, {c.num_heads} heads of {hd} (MQA), "
             f"lru {c.lru_width or c.width}, window {c.local_window}, vocab {c.vocab_size}, float32")

@@ -254,9 +254,11 @@ def hybrid(x: torch.Tensor) -> bool:
     return HYBRID and x.dim() == 2 and x.shape[0] > MAX_BATCH and _kernel_rows(x)
 
 
-def _norm(x: torch.Tensor, norm: Norm, weight: np.ndarray) -> torch.Tensor:
-    """RMSNorm of a step's rows x (n, D) by the kernel (one pass, no autograd wrapper)."""
-    return torch.from_numpy(_kernels().rms_norm(x.numpy(), weight, norm[2], np.float32(norm[1])))
+def _normer(norm: Norm, weight: np.ndarray):
+    """RMSNorm of a step's rows as a call x (n, D) -> (n, D) by the kernel (one pass, no autograd
+    wrapper), the kernel and the norm's constants looked up once: the hybrid ops bind it."""
+    kernel, unit_offset, eps = _kernels().rms_norm, norm[2], np.float32(norm[1])
+    return lambda x: torch.from_numpy(kernel(x.numpy(), weight, unit_offset, eps))
 
 
 def _kernels():
@@ -302,17 +304,16 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
         w = hv((norm[0], *conv, gr_w, gr_b, gi_w, gi_b, lambda_), rows.unchanged)
         st = w and hv.states(conv_state, h)
         if st:
-            k, rms_kernel = _mix_kernels(), _kernels().rms_norm
-            norm_w, unit_offset, eps = w[0], norm[2], np.float32(norm[1])
+            k, normed = _mix_kernels(), _normer(norm, w[0])
             H, bw = gr_w.shape[:2]
             gr_b1, gi_b1 = gr_b.unsqueeze(1), gi_b.unsqueeze(1)
             R = H * bw
-            n = _norm(x, norm, norm_w)
+            n = normed(x)
             branches = step_products(n, (linear_y[0], linear_x[0]), (linear_y[1], linear_x[1]))
             out_proj = step_products(torch.zeros(n.shape[0], R), (linear_out[0],), (linear_out[1],))
 
             def bound(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
-                (y, y_col), (u, u_col) = branches(torch.from_numpy(rms_kernel(xt.numpy(), norm_w, unit_offset, eps)))
+                (y, y_col), (u, u_col) = branches(normed(xt))
                 # (n, k, R) views: the kernels index a product of a stacked output as [:, col // R]
                 y3, u3 = y.view(y.shape[0], -1, R).numpy(), u.view(u.shape[0], -1, R).numpy()
                 xc = k.conv_mix(u3, u_col // R, w[1], w[2], st[0], *r.arrays)  # (n, R)
@@ -392,15 +393,13 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
         w = hv((norm[0], inv_freq), rows.unchanged)
         st = w and hv.states(k_cache, v_cache)
         if st:
-            kernel, rms_kernel = _mix_kernels().attention_mix, _kernels().rms_norm
-            norm_w, unit_offset, eps = w[0], norm[2], np.float32(norm[1])
-            n = _norm(x, norm, norm_w)
+            kernel, normed = _mix_kernels().attention_mix, _normer(norm, w[0])
+            n = normed(x)
             qkv = step_products(n, *zip(q_proj, k_proj, v_proj))
             out_proj = step_products(torch.zeros(n.shape[0], q_proj[0].shape[0]), (o_proj[0],), (o_proj[1],))
 
             def bound(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
-                normed = torch.from_numpy(rms_kernel(xt.numpy(), norm_w, unit_offset, eps))
-                (q, q_col), (k, k_col), (v, v_col) = qkv(normed)
+                (q, q_col), (k, k_col), (v, v_col) = qkv(normed(xt))
                 out = kernel(q.numpy(), q_col, k.numpy(), k_col, v.numpy(), v_col, num_heads, w[1],
                              rotary_dim, bool(interleaved), st[0], st[1], ring, *r.arrays, scale, r.threads)
                 return xt.add_(out_proj(torch.from_numpy(out))[0][0])
@@ -441,15 +440,14 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
     views = views or KernelViews()
     if rows is not None and rows.hybrid and (
             w := (hv := views.hybrid())((norm[0],), rows.unchanged)):
-        kernel, rms_kernel = _mix_kernels().gated_hidden, _kernels().rms_norm
-        norm_w, unit_offset, eps = w[0], norm[2], np.float32(norm[1])
+        kernel, normed = _mix_kernels().gated_hidden, _normer(norm, w[0])
         M, code, beta_now = up[0].shape[0], ACTIVATIONS[activation], np.float32(float(beta))
-        m = _norm(x, norm, norm_w)
+        m = normed(x)
         branches = step_products(m, *zip(*((up,) if gate is None else (gate, up))))
         down_proj = step_products(torch.zeros(m.shape[0], M), (down[0],), (down[1],))
 
         def bound(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
-            blocks = branches(torch.from_numpy(rms_kernel(xt.numpy(), norm_w, unit_offset, eps)))
+            blocks = branches(normed(xt))
             # (n, k, M) views: the kernel indexes a product of a stacked output as [:, col // M]
             u, u_col = blocks[-1]
             g, g_col = (u, -M) if gate is None else blocks[0]
@@ -497,12 +495,11 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
     (default: `fusable(x)`) and the weights allow."""
     views = views or KernelViews()
     if rows is not None and rows.hybrid and (w := (hv := views.hybrid())((norm[0],), rows.unchanged)):
-        rms_kernel = _kernels().rms_norm
-        norm_w, unit_offset, eps = w[0], norm[2], np.float32(norm[1])
-        output_layer = step_products(_norm(x, norm, norm_w), (embedding,))
+        normed = _normer(norm, w[0])
+        output_layer = step_products(normed(x), (embedding,))
 
         def bound_mix(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
-            logits = output_layer(torch.from_numpy(rms_kernel(xt.numpy(), norm_w, unit_offset, eps)))[0][0]
+            logits = output_layer(normed(xt))[0][0]
             return logits if soft_cap is None else torch.tanh(logits.div_(soft_cap)).mul_(soft_cap)
 
         hv.bind(rows.row_class, "logits_mix", (embedding,), bound_mix)

@@ -92,15 +92,15 @@ def _check_name(backend: str) -> None:
         raise ValueError(f"unknown GEMM backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
 
 
-def _override() -> str:
-    backend = _forced[-1] if _forced else _env_backend()
-    _check_name(backend)
-    return backend
-
-
 def override() -> str:
     """The backend every product is forced to now ("auto": the measured choices)."""
     return _forced[-1] if _forced else _env_backend()
+
+
+def _override() -> str:
+    backend = override()
+    _check_name(backend)
+    return backend
 
 
 @functools.lru_cache(maxsize=None)

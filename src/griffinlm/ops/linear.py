@@ -279,18 +279,21 @@ def step_products(x: torch.Tensor, weights: tuple[torch.Tensor, ...],
     def versions() -> tuple:
         return (*(t._version for t in watched), gb.COPIES.enabled)
 
+    cols = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]  # of a stacked output
+
     def resolve() -> Callable[[torch.Tensor], list[ColumnBlock]]:
         if all(isinstance(w, QuantizedWeight) for w in weights) and (
                 run := stacked_bf16_products(x, weights, biases)) is not None:
-            cols = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]
-            return lambda a: [(out, c) for out in (run(a),) for c in cols]
+            def stacked_bf16(a: torch.Tensor) -> list[ColumnBlock]:
+                out = run(a)
+                return [(out, c) for c in cols]
+            return stacked_bf16
         if (torch.is_grad_enabled() or x.dim() != 2
                 or any(isinstance(w, QuantizedWeight) or _mode(x, w, b) != "fp32" for w, b in layers)):
             # quantized (elsewhere), bf16 autocast, other dtypes: the general ops
             return lambda a: [(t.contiguous(), 0) for t in linear_many(a, layers)]
         uniform = all(b is None for b in biases) or all(b is not None for b in biases)
         if uniform and (p := _stacked_weight(x, layers)) is not None:
-            cols = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]
             bias = None if biases[0] is None else gb.COPIES.get("concat_bias", biases, torch.cat)
             if biases[0] is None or bias is not None:
                 def stacked(a: torch.Tensor) -> list[ColumnBlock]:
