@@ -2,7 +2,9 @@
 
 How close the Griffin decode step (width --width, depth --depth: 512 and
 6 by default) comes to this machine's limits. For each batch B of --batches (1 4 16 64 128),
-from a pool of B slots filled to --length (256) tokens, it times `model.step` (the default
+from a pool of B slots filled to --length (256) tokens, it times `model.step`, --steps-per-repeat (4)
+steps back to back as a decoding loop runs them (the step: the mean of the 2nd..; the first, cold
+after the probes, is reported apart), on three paths (the default
 step: streaming numba kernels at B <= ops.decode_step.MAX_BATCH, above it GEMMs on `ops.linear`'s
 measured backend with hybrid kernels between; the same with every GEMM forced to F.linear,
 GRIFFINLM_GEMM=mkl; and the torch-ops step, `decode_step.references_only()`) and, in the same interleaved repeats (--repeats of them, median of each), two probes:
@@ -104,6 +106,7 @@ def bench_bound(args) -> dict:
     flops_per_token = 2 * w["total"]
     gen = torch.Generator().manual_seed(0)
     L, batches, paths = args.length, args.batches, ("default", "default_mkl", "torch_ops")
+    K = args.steps_per_repeat
 
     def path_context(path: str):
         """The step of `path`: as is; with every GEMM on F.linear (no oneDNN, no prepacking); or
@@ -123,7 +126,7 @@ def bench_bound(args) -> dict:
     probes = {}  # B -> [(x, weight, count, inner)]
     with torch.no_grad():
         for B in batches:
-            caches[B] = model.init_cache(B, max_length=L + 1)
+            caches[B] = model.init_cache(B, max_length=L + K)
             fill_cache(caches[B], L, gen)
             toks[B] = torch.randint(0, model.config.vocab_size, (B,), generator=gen)
             slots[B] = torch.arange(B)
@@ -162,7 +165,8 @@ def bench_bound(args) -> dict:
                 total += count * (now() - t0) / inner
             return total
 
-        step_t = {(B, path): [] for B in batches for path in paths}
+        step_t = {(B, path): [] for B in batches for path in paths}  # steps 2..K of each repeat (mean)
+        first_t = {(B, path): [] for B in batches for path in paths}  # each repeat's first step
         fused = {(B, path): 0 for B in batches for path in paths}
         gemm_t = {B: [] for B in batches}
         copy_t = []
@@ -174,10 +178,14 @@ def bench_bound(args) -> dict:
                     with path_context(path):
                         caches[B].positions.fill_(L)  # every repeat steps from length L
                         calls = sum(ops_step.step_kernel_calls().values())
-                        t0 = now()
-                        model.step(toks[B], caches[B], slots[B])
-                        step_t[B, path].append(now() - t0)
-                        fused[B, path] += sum(ops_step.step_kernel_calls().values()) - calls
+                        times = []
+                        for _ in range(K):  # back to back, as a decoding loop steps
+                            t0 = now()
+                            model.step(toks[B], caches[B], slots[B])
+                            times.append(now() - t0)
+                        first_t[B, path].append(times[0])
+                        step_t[B, path].append(statistics.fmean(times[1:]) if K > 1 else times[0])
+                        fused[B, path] += (sum(ops_step.step_kernel_calls().values()) - calls) / K
                 gemm_t[B].append(probe(B))
             t0 = now()
             dst.copy_(src)
@@ -194,10 +202,12 @@ def bench_bound(args) -> dict:
             bound_s = max(flops_s, bytes_s)
             # % of bound from each repeat's own step and probes (they ran back to back), then the
             # median: one slow probe or step then moves one repeat, not the whole row
-            same_repeat = [max(g, weight_bytes * c / copy_bytes) / t
-                           for t, g, c in zip(step_t[B, path], gemm_t[B], copy_t)]
+            def pct(times: list[float]) -> float:
+                return 100 * med([max(g, weight_bytes * c / copy_bytes) / t
+                                  for t, g, c in zip(times, gemm_t[B], copy_t)])
             rows.append(dict(path=path, batch=B, step_ms=1e3 * step_s, bound_ms=1e3 * bound_s,
-                             pct_of_bound=100 * med(same_repeat), tok_s=B / step_s,
+                             pct_of_bound=pct(step_t[B, path]), tok_s=B / step_s,
+                             first_step_ms=1e3 * med(first_t[B, path]), pct_first_step=pct(first_t[B, path]),
                              bound_by="flops" if flops_s >= bytes_s else "bytes",
                              flops_ms=1e3 * flops_s, bytes_ms=1e3 * bytes_s,
                              gemm_gflop_s=flops_per_token * B / flops_s / 1e9,
@@ -212,14 +222,16 @@ def bench_bound(args) -> dict:
     return dict(
         date=time.strftime("%Y-%m-%d"), cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
         cores=os.cpu_count(), threads=torch.get_num_threads(), numba_threads=numba_threads,
-        torch=torch.__version__, clock="wall", repeats=args.repeats, length=L,
+        torch=torch.__version__, clock="wall", repeats=args.repeats, steps_per_repeat=K, length=L,
         model=describe(model.config, args.preset),
         weights=dict(params=w["params"], total_params=w["total"], bytes=weight_bytes,
                      shapes={f"{o}x{i}": n for (o, i), n in sorted(w["shapes"].items())}),
         flops_per_token=flops_per_token, copy_buffer_bytes=copy_bytes // 2,
         copy_bandwidth_gb_s=bandwidth / 1e9, max_batch_fused=ops_step.MAX_BATCH,
-        conventions=("step: median wall time of one model.step(tokens, cache, slots) over all B slots, the pool at "
-                     "`length` tokens. FLOPs = 2 x B x weight parameters (the blocks' nn.Linear weights, the RG-LRU "
+        conventions=("step: wall time of one model.step(tokens, cache, slots) over all B slots, the pool at "
+                     "`length` tokens, in a run of steps_per_repeat steps back to back: the mean of steps 2.. of "
+                     "each repeat (the steady decoding loop; first step: each repeat's first, after the other paths "
+                     "and the probes left caches and thread pools cold), median over repeats. FLOPs = 2 x B x weight parameters (the blocks' nn.Linear weights, the RG-LRU "
                      "block-diagonal gates, the tied V x D output layer); attention over the cache and elementwise "
                      "work are ignored. flops term = the model's GEMM shapes at M = B rows timed one by one, each on "
                      "its fastest fp32 backend (F.linear, oneDNN, oneDNN prepacked: benchmarks/gemm.py), summed "
@@ -231,13 +243,16 @@ def bench_bound(args) -> dict:
 
 
 def bound_markdown(res: dict) -> list[str]:
-    """The --bound results as markdown lines (printed by --bound, and part of the BENCHMARKS section)."""
+    """The results as markdown lines (printed by this script, and part of BENCHMARKS.md's Inference section)."""
     w = res["weights"]
-    lines = [f"`python benchmarks/inference.py --bound` ({res['date']}): {res['model']}; pool at {res['length']} "
+    lines = [f"`python benchmarks/decode_bound.py --repeats {res['repeats']}` ({res['date']}): {res['model']}; pool at {res['length']} "
              f"tokens per slot. CPU: {res['cpu']} (torch capability {res['cpu_capability']}, {res['cores']} cores); "
              f"{res['threads']} torch thread(s), {res['numba_threads']} numba thread(s); torch {res['torch']}; wall "
              f"clock, median of {res['repeats']} interleaved repeats (% of bound: the median of each repeat's own "
-             f"bound / step). Weights per token: {w['total_params']:,} "
+             f"bound / step). Step: the mean of steps 2..{res.get('steps_per_repeat', 1)} of each repeat's "
+             f"{res.get('steps_per_repeat', 1)} back to back (a decoding loop's steady state); first step: each "
+             "repeat's first, after the probes and the other paths (caches and thread pools cold). "
+             f"Weights per token: {w['total_params']:,} "
              f"parameters = {w['bytes'] / 1e6:.1f} MB (nn.Linear {w['params']['linear']:,}, RG-LRU block-diagonal "
              f"gates {w['params']['block_diagonal']:,}, tied output layer {w['params']['output_layer']:,}); FLOPs per "
              f"token {res['flops_per_token'] / 1e6:.1f} M. Bound = max(flops term, bytes term): the flops term times "
@@ -252,11 +267,15 @@ def bound_markdown(res: dict) -> list[str]:
               "torch_ops": "Torch-ops step (`ops.decode_step.references_only()`):"}
     for path, title in titles.items():
         lines += ["", title, "",
-                  "| batch | step ms | bound ms | % of bound | tokens/s | bound by | flops ms | bytes ms | GEMM GFLOP/s "
-                  "| fused calls/step | GEMM backends of the bound |", "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+                  "| batch | step ms | bound ms | % of bound | first step ms | % of bound, first step | tokens/s "
+                  "| bound by | flops ms | bytes ms | GEMM GFLOP/s | fused calls/step | GEMM backends of the bound |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
         for r in res["rows"]:
             if r["path"] == path and path in titles:
+                first = (f"{r['first_step_ms']:.3f} | {r['pct_first_step']:.0f}%" if "first_step_ms" in r
+                         else "- | -")  # results written before steps ran back to back
                 lines.append(f"| {r['batch']} | {r['step_ms']:.3f} | {r['bound_ms']:.3f} | {r['pct_of_bound']:.0f}% | "
+                             f"{first} | "
                              f"{r['tok_s']:,.0f} | {r['bound_by']} | {r['flops_ms']:.3f} | {r['bytes_ms']:.3f} | "
                              f"{r['gemm_gflop_s']:.1f} | {r['fused_calls_per_step']:.0f} | "
                              f"{', '.join(r.get('gemm_backends', ['fp32 F.linear']))} |")
@@ -278,6 +297,9 @@ def main(argv=None) -> int:
                    help="a model preset (e.g. griffin-100m, vocab 256) instead of --width/--depth/--window; "
                         "writes docs/results/decode_bound_<preset>.json")
     p.add_argument("--repeats", type=int, default=24, help="interleaved repeats (median of each quantity)")
+    p.add_argument("--steps-per-repeat", type=int, default=4,
+                   help="steps back to back per path and repeat: the step time is the mean of the 2nd.. "
+                        "(the decoding loop's steady state), the first is reported apart (cold after the probes)")
     p.add_argument("--threads", type=int, default=2, help="torch and numba threads")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
