@@ -17,6 +17,7 @@ autograd, torch.compile). On CPU in float32 without autograd and with numba pres
     `*_mix` numba kernel per op (`decode_mix_numba`), so a block half is 3-5 calls rather than ~40 torch ops; each op
     binds that sequence once per row class (`linear.step_products` resolves its GEMMs) and
     replays it while the model is unchanged.
+A layer keeps its op's weight views and bound calls in a `KernelViews` (`ops/kernel_views.py`).
 Both add the block's output into `x` in place (callers use the returned tensor, which is then
 `x` itself). `FUSED_CALLS` counts the kernel calls so that tests can tell a fast path ran;
 `references_only()` turns both off.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import operator
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -40,10 +40,10 @@ from .attention.rotary import rotary
 from .block_diag import block_diagonal_linear
 from .conv import causal_conv1d_step
 from .gemm_backend import row_class
+from .kernel_views import EMPTY_ARRAY, KernelViews, weight_arrays
 from .linear import linear, step_products
 from .lru import log_a_from_lambda, rglru_step
 from .norm import rms_norm
-from .quantized import QuantizedWeight
 
 # Rows per step up to which the weight-streaming kernels beat the hybrid path (GEMMs on
 # prepacked weights + mix kernels); the crossover measured in BENCHMARKS.md (Inference).
@@ -75,128 +75,6 @@ def step_kernel_calls() -> collections.Counter[str]:
 
 Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight (out, in), bias (out,) or None)
 Norm = tuple[torch.Tensor, float, bool]  # RMSNorm (weight, eps, unit_offset)
-
-
-# --- eligibility and zero-copy views ---------------------------------------------------------
-_EMPTY = np.empty(0, np.float32)
-
-
-def _kernel_tensor(t: torch.Tensor) -> bool:
-    """The ops' shared rule (`numba_common.cpu_fusable`) plus contiguity: the kernels index raw memory.
-    A quantized weight (`ops.quantized`) goes as its stored data and scales."""
-    if isinstance(t, QuantizedWeight):
-        return t.data.device.type == "cpu" and t.data.is_contiguous()
-    return numba_common.cpu_fusable(t) and t.is_contiguous()
-
-
-def _kernel_view(t) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """What a kernel gets for one of an op's tensors: an empty array for None, (data, scale) for a
-    quantized weight, else a view of the float32 tensor."""
-    if t is None:
-        return _EMPTY
-    if isinstance(t, QuantizedWeight):
-        return t.kernel_arrays()
-    return numba_common.numpy_view(t.detach())
-
-
-def _ws(view) -> tuple[np.ndarray, np.ndarray]:
-    """A projection weight's kernel arguments (weight, row scales): float32 weights have none."""
-    return view if isinstance(view, tuple) else (view, _EMPTY)
-
-
-def _ptr(t) -> int:
-    return 0 if t is None else (t.data if isinstance(t, QuantizedWeight) else t).data_ptr()
-
-
-class KernelViews:
-    """The numpy views an op hands its kernel for one layer's weights, made once and kept while
-    the same tensor objects sit at the same storage (an optimizer's in-place update keeps them;
-    `.to()`, `load_state_dict` into new tensors or a replaced parameter re-makes them). A layer
-    owns one per fused op it calls, so a decoding step does not re-derive ~20 views per op, and
-    tries `run` (the op's bound call: the streaming kernel's, or the hybrid path's for the step's
-    row class, `plans`) before gathering the op's arguments at all."""
-
-    __slots__ = ("tensors", "ptrs", "views", "pool", "pool_arrays", "bound", "name", "hybrid_views", "plans",
-                 "plan_inputs")
-
-    def __init__(self) -> None:
-        self.tensors: tuple = ()
-        self.ptrs: list[int] = []
-        self.views: tuple | None = None
-        self.pool: tuple = ()
-        self.pool_arrays: tuple | None = None
-        # The kernel with every argument but x and the step's rows bound (and the op's name for
-        # FUSED_CALLS): what `run` calls while nothing changed, so that little Python runs
-        # between two kernels of a step.
-        self.bound = None
-        self.name = ""
-        self.hybrid_views: KernelViews | None = None  # the hybrid path's views (other tensors)
-        # The hybrid path's bound calls by row class (`gemm_backend.row_class`): its GEMMs'
-        # backends and packed weights are resolved per class (`linear.step_products`).
-        self.plans: dict[int, object] = {}
-        self.plan_inputs: tuple = ()  # the other tensors (projections) the plans were bound to
-
-    def hybrid(self) -> "KernelViews":
-        """The memo of the same layer's hybrid path."""
-        if self.hybrid_views is None:
-            self.hybrid_views = KernelViews()
-        return self.hybrid_views
-
-    def run(self, x: torch.Tensor, rows: "StepRows | None", *pool: torch.Tensor) -> torch.Tensor | None:
-        """Runs the bound call (the streaming kernel's, or the hybrid path's for this row class)
-        on x (n, D) if it is still valid for this step and state pool (nothing changed since it
-        was bound) and returns the op's result; else None, and the caller goes the full way
-        (gathering its arguments, then the op, which binds the call again)."""
-        if rows is None or not rows.unchanged:
-            return None
-        if rows.fused:
-            memo, bound = self, self.bound
-        elif rows.hybrid and self.hybrid_views is not None:
-            memo = self.hybrid_views
-            bound = memo.plans.get(rows.row_class)
-        else:
-            return None
-        if bound is None or len(pool) != len(memo.pool) or not all(map(operator.is_, pool, memo.pool)):
-            return None
-        out = bound(x, rows)
-        FUSED_CALLS[memo.name] += 1
-        return x if out is None else out
-
-    def bind(self, row_class: int, name: str, inputs: tuple, bound) -> None:
-        """Keeps `bound` as the hybrid path's call for `row_class`. `inputs`: the op's tensors that
-        the views do not hold (its projections, which the call's GEMMs read); when they are other
-        objects than those of the kept calls (replaced parameters, a LoRA model's re-merged
-        weights), every other class's call is dropped first: it would compute with the old ones."""
-        if len(inputs) != len(self.plan_inputs) or not all(map(operator.is_, inputs, self.plan_inputs)):
-            self.plans.clear()
-            self.plan_inputs = inputs
-        self.plans[row_class], self.name = bound, name
-
-    def states(self, *pool: torch.Tensor) -> tuple[np.ndarray, ...] | None:
-        """Numpy arrays of a state pool's tensors (shared memory; pools are allocated once and
-        never reallocated), or None unless they are float32 CPU tensors."""
-        if len(pool) != len(self.pool) or not all(map(operator.is_, pool, self.pool)):
-            ok = all(map(_kernel_tensor, pool))
-            self.pool, self.pool_arrays, self.bound = pool, tuple(t.numpy() for t in pool) if ok else None, None
-            self.plans.clear()
-        return self.pool_arrays
-
-    def __call__(self, tensors: tuple[torch.Tensor | None, ...], unchanged: bool = False
-                 ) -> tuple[np.ndarray, ...] | None:
-        """Views of `tensors` (an empty array for None), or None when one cannot go to a kernel
-        (not a plain contiguous float32 CPU tensor: a DTensor, bf16, CUDA...). `unchanged`: the
-        caller knows these are the tensors of the last call, at the same storage."""
-        if unchanged and self.tensors:
-            return self.views
-        if len(tensors) == len(self.tensors) and all(map(operator.is_, tensors, self.tensors)) and \
-                [_ptr(t) for t in tensors] == self.ptrs:
-            return self.views
-        ptrs = [_ptr(t) for t in tensors]
-        ok = all(t is None or _kernel_tensor(t) for t in tensors)
-        self.tensors, self.ptrs, self.bound = tensors, ptrs, None
-        self.plans.clear()
-        self.views = tuple(_kernel_view(t) for t in tensors) if ok else None
-        return self.views
 
 
 @dataclass
@@ -334,8 +212,8 @@ def recurrent_step(x: torch.Tensor, norm: Norm, linear_y: Linear, linear_x: Line
         return recurrent_step_reference(x, norm, linear_y, linear_x, conv, lru, linear_out, gelu_approximate,
                                         conv_state, h, rows)
     kernel = _kernels().recurrent_step
-    fixed = (w[0], norm[2], np.float32(norm[1]), *_ws(w[1]), w[2], *_ws(w[3]), w[4], w[5], w[6], st[0], *w[7:12],
-             float(c), bool(unscaled_reset), st[1], *_ws(w[12]), w[13])
+    fixed = (w[0], norm[2], np.float32(norm[1]), *weight_arrays(w[1]), w[2], *weight_arrays(w[3]), w[4], w[5], w[6], st[0], *w[7:12],
+             float(c), bool(unscaled_reset), st[1], *weight_arrays(w[12]), w[13])
     views.bound, views.name = (lambda xt, r: kernel(xt.numpy(), *fixed, *r.arrays, gelu, r.threads)), "recurrent_step"
     views.bound(x, rows)
     FUSED_CALLS["recurrent_step"] += 1
@@ -413,7 +291,7 @@ def attention_step(x: torch.Tensor, norm: Norm, q_proj: Linear, k_proj: Linear, 
         return attention_step_reference(x, norm, q_proj, k_proj, v_proj, o_proj, num_heads, rope, k_cache,
                                         v_cache, ring, rows)
     kernel = _kernels().attention_step
-    fixed = (w[0], norm[2], np.float32(norm[1]), *_ws(w[1]), w[2], *_ws(w[3]), w[4], *_ws(w[5]), w[6], *_ws(w[7]),
+    fixed = (w[0], norm[2], np.float32(norm[1]), *weight_arrays(w[1]), w[2], *weight_arrays(w[3]), w[4], *weight_arrays(w[5]), w[6], *weight_arrays(w[7]),
              w[8], num_heads, w[9], rotary_dim, bool(interleaved), st[0], st[1], ring)
     views.bound, views.name = (lambda xt, r: kernel(xt.numpy(), *fixed, *r.arrays, scale, r.threads)), "attention_step"
     views.bound(x, rows)
@@ -467,10 +345,10 @@ def mlp_step(x: torch.Tensor, norm: Norm, gate: Linear | None, up: Linear, down:
     if not w:
         return mlp_step_reference(x, norm, gate, up, down, activation, beta)
     kernel = _kernels().mlp_step
-    w_gate = (np.empty((0, x.shape[1]), np.float32), _EMPTY) if gate is None else _ws(w[1])
+    w_gate = (np.empty((0, x.shape[1]), np.float32), EMPTY_ARRAY) if gate is None else weight_arrays(w[1])
     # beta read now: a learnable Swish beta that changes in place is a parameter update the
     # model's TreeWatch does not see, so the bound call is only kept for a fixed beta
-    fixed = (w[0], norm[2], np.float32(norm[1]), *w_gate, w[2], *_ws(w[3]), w[4], *_ws(w[5]), w[6],
+    fixed = (w[0], norm[2], np.float32(norm[1]), *w_gate, w[2], *weight_arrays(w[3]), w[4], *weight_arrays(w[5]), w[6],
              ACTIVATIONS[activation], np.float32(float(beta)))
     views.bound = None if isinstance(beta, torch.Tensor) and beta.requires_grad else (
         lambda xt, r: kernel(xt.numpy(), *fixed, r.threads))
@@ -511,7 +389,7 @@ def logits_step(x: torch.Tensor, norm: Norm, embedding: torch.Tensor, soft_cap: 
         return logits_reference(x, norm, embedding, soft_cap)
     out = torch.empty(x.shape[0], embedding.shape[0])
     kernel = _kernels().logits_step
-    fixed = (w[0], norm[2], np.float32(norm[1]), *_ws(w[1]), np.float32(soft_cap or 0.0))
+    fixed = (w[0], norm[2], np.float32(norm[1]), *weight_arrays(w[1]), np.float32(soft_cap or 0.0))
     V = embedding.shape[0]
 
     def bound(xt: torch.Tensor, r: StepRows) -> torch.Tensor:
