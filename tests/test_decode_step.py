@@ -319,3 +319,135 @@ def test_hybrid_step_binds_once_per_row_class_and_follows_changes(monkeypatch):
             assert any(k.endswith(backend) for k in GEMM_CALLS)
     for a, b in zip(cache_tensors(caches[0]), cache_tensors(caches[1])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _twin_steps(fast, ref, caches, toks, slots):
+    """One step of `fast` (its default path) and of `ref` (a copy, torch references only) on
+    twin caches; returns the largest logit difference relative to the logits' scale."""
+    with torch.no_grad():
+        got = fast.step(toks, caches[0], slots)
+        with decode_step.references_only():
+            want = ref.step(toks, caches[1], slots)
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@needs_numba
+@pytest.mark.parametrize("arch", ["griffin", "hawk", "transformer", "recurrentgemma-like"])
+@pytest.mark.parametrize("B", [1, 3, 16])
+def test_step_plan_replays_the_bound_calls(arch, B):
+    """From the second step of an unchanged model on the same pool, the step replays its ops'
+    bound calls (`ops.kernel_views.StepPlan`): the same kernels run, with the references' logits
+    and states."""
+    import copy
+
+    from griffinlm.ops.kernel_views import REPLAYS
+
+    cfg = CONFIGS[arch]
+    fast = make_model(cfg, seed=B)
+    ref = copy.deepcopy(fast)
+    caches = [m.init_cache(B, max_length=32) for m in (fast, ref)]
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, cfg.vocab_size, (B, 5), generator=g)
+    with torch.no_grad():
+        for m, c in zip((fast, ref), caches):
+            m(prompts, cache=c)
+    steps = 6
+    replays = numba_common.FUSED_CALLS[REPLAYS]
+    for _ in range(steps):
+        slots = torch.randperm(B, generator=g)
+        before = decode_step.step_kernel_calls()
+        worst = _twin_steps(fast, ref, caches, torch.randint(0, cfg.vocab_size, (B,), generator=g), slots)
+        assert worst < 1e-5, worst
+        assert decode_step.step_kernel_calls() - before == kernel_calls_per_step(fast, B)
+    assert numba_common.FUSED_CALLS[REPLAYS] - replays == steps - 1
+    for a, b in zip(cache_tensors(caches[0]), cache_tensors(caches[1])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_numba
+def test_step_plan_follows_changes():
+    """A replayed step notices what `KernelViews.run` notices: replaced parameters, another pool,
+    a replaced state tensor, rows of another kind (streaming vs hybrid); each step still equals the
+    references, and replay resumes once nothing changes."""
+    import copy
+
+    from griffinlm.ops.kernel_views import REPLAYS
+
+    cfg = CONFIGS["recurrentgemma-like"]
+    fast = make_model(cfg, seed=5)
+    ref = copy.deepcopy(fast)
+    N = 2 * decode_step.MAX_BATCH + 1
+    g = torch.Generator().manual_seed(4)
+    prompts = torch.randint(0, cfg.vocab_size, (N, 5), generator=g)
+
+    def pools():
+        caches = [m.init_cache(N, max_length=64) for m in (fast, ref)]
+        with torch.no_grad():
+            for m, c in zip((fast, ref), caches):
+                m(prompts, cache=c)
+        return caches
+
+    def step(caches, n: int) -> bool:
+        """One step of n random slots; True when it replayed."""
+        replays = numba_common.FUSED_CALLS[REPLAYS]
+        slots = torch.randperm(N, generator=g)[:n]
+        worst = _twin_steps(fast, ref, caches, torch.randint(0, cfg.vocab_size, (n,), generator=g), slots)
+        assert worst < 1e-5, worst
+        return numba_common.FUSED_CALLS[REPLAYS] > replays
+
+    caches = pools()
+    assert not step(caches, 1) and step(caches, 1) and step(caches, 2)  # any streaming row count
+    assert not step(caches, N) and step(caches, N)  # hybrid rows: another kind of plan
+    assert not step(caches, 1) and step(caches, 1)
+    with torch.no_grad():  # in place (an optimizer's update): the bound calls stay valid
+        for m in (fast, ref):
+            for p in m.parameters():
+                p.mul_(0.9)
+    assert step(caches, 1)
+    for m in (fast, ref):  # a replaced Parameter: bound again, with the new weights
+        m.blocks[0].mlp.up_proj.weight = torch.nn.Parameter(m.blocks[0].mlp.up_proj.weight * 1.5)
+    assert not step(caches, 1) and step(caches, 1)
+    other = pools()  # another pool
+    assert not step(other, 1) and step(other, 1)
+    for c in other:  # a state tensor replaced inside the pool: the kernels must write the new one
+        c.blocks[0].rnn = c.blocks[0].rnn.clone()
+    assert not step(other, 1) and step(other, 1)
+    for a, b in zip(cache_tensors(other[0]), cache_tensors(other[1])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_numba
+def test_copied_and_pickled_models_after_decoding_use_their_own_weights(tmp_path):
+    """The step's memos (views, bound calls, plan, tree watch) are not copied: a model copied
+    together with its pool after decoding (`copy.deepcopy`) steps with its own weights into its
+    own pool, and `torch.save` of such a model works and loads a model that decodes the same."""
+    import copy
+
+    cfg = CONFIGS["griffin"]
+    model = make_model(cfg, seed=9)
+    prompts = torch.randint(0, cfg.vocab_size, (2, 5))
+    toks = torch.tensor([1, 2])
+    cache = model.init_cache(2, max_length=16)
+    with torch.no_grad():
+        model(prompts, cache=cache)
+        want = [model.step(toks, cache) for _ in range(3)]  # bound calls, then a replayed plan
+    twin, twin_cache = copy.deepcopy((model, cache))
+    before = cache_tensors(cache)
+    before = [t.clone() for t in before]
+    ref_cache = copy.deepcopy(twin_cache)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        got = twin.step(toks, twin_cache)
+        with decode_step.references_only():
+            ref = twin.step(toks, ref_cache)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(cache_tensors(cache), before):  # the original pool untouched
+        assert torch.equal(a, b)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)  # our own file, just written
+    fresh = loaded.init_cache(2, max_length=16)
+    with torch.no_grad():
+        loaded(prompts, cache=fresh)
+        for ref_logits in want:
+            torch.testing.assert_close(loaded.step(toks, fresh), ref_logits, rtol=1e-5, atol=1e-5)

@@ -171,6 +171,51 @@ def test_copy_retrieval_until_solved_stops_at_target_or_cap(tmp_path):
     assert all(r["steps"] == 8 for r in data["results"]["induction_heads"].values())
 
 
+def test_copy_retrieval_until_solved_tries_the_next_learning_rate(tmp_path):
+    """With a ladder of learning rates, a run that reaches the cap unsolved is followed by one from
+    scratch at the next rate; the report gives each model's rate and earlier runs, and models
+    trained at different rates are not ranked by steps to solve."""
+    ctx, data = _until_solved(tmp_path / "solved", target_accuracy=0.0, lrs=[0.01, 0.001])
+    res = data["results"]["induction_heads"]
+    assert all(r["solved"] and r["lr"] == 0.01 and r["attempts"] == [] for r in res.values())
+
+    out = tmp_path / "ladder"
+    ctx, data = _until_solved(out, target_accuracy=1.01, max_steps=4, lrs=[0.01, 0.001])
+    res = data["results"]["induction_heads"]
+    for r in res.values():
+        assert r["stopped"] == "cap" and r["lr"] == 0.001 and r["steps"] == 4 and len(r["history"]) == 2
+        assert [(a["lr"], a["steps"], a["stopped"]) for a in r["attempts"]] == [(0.01, 4, "cap")]
+        assert len(r["by_length"]) == 2  # the last run is the one tested
+    assert ctx.cache.misses == 3 * (2 * 2 + 1)
+    text = open(out / "copy-retrieval.md").read()
+    assert "lr 0.01: 4 steps, cap" in text and "[0.01, 0.001]" in text
+    # the first rung's rounds are those of a run without a ladder (the same cache entries); only
+    # its tests are new (the ladder tested the last run)
+    ctx, data = _until_solved(out, target_accuracy=1.01, max_steps=4, lr=0.01)
+    assert ctx.cache.misses == 3
+
+
+def test_copy_retrieval_steps_to_solve_compare_only_at_one_learning_rate():
+    from dataclasses import replace
+
+    from griffinlm.evaluate.archs import ARCH_LABELS
+    from griffinlm.evaluate.copy_paper import _verdicts
+    from griffinlm.evaluate.copy_retrieval import BUDGETS
+    s = replace(BUDGETS["paper"], tasks=("induction_heads",))
+
+    def record(lr: float, steps: int) -> dict:
+        return {"lr": lr, "steps": steps, "stopped": "solved", "solved": True, "by_length": None, "attempts": [],
+                "history": [{"step": steps, "token_accuracy": 1.0, "exact_match": 1.0}]}
+    same = {"transformer": record(3e-3, 300), "griffin": record(3e-3, 400), "hawk": record(3e-3, 900)}
+    text = " ".join(_verdicts(s, "induction_heads", same, 257, 1200, 1 / 16))
+    T, G, H = (ARCH_LABELS[a] for a in ("transformer", "griffin", "hawk"))
+    assert f"steps to solve {T} 300, {G} 400, {H} 900" in text and "different learning" not in text
+    mixed = {**same, "transformer": record(1e-3, 300)}
+    text = " ".join(_verdicts(s, "induction_heads", mixed, 257, 1200, 1 / 16))
+    assert f"different learning rates ({T} lr 0.001, {H} lr 0.003, {G} lr 0.003)" in text
+    assert f"steps to solve {T}" not in text and "**unresolved**" in text
+
+
 def test_copy_retrieval_resumed_rounds_match_uninterrupted(tmp_path):
     """A round trained from a stored state gives the numbers an uninterrupted run gives."""
     _, whole = _until_solved(tmp_path / "whole", target_accuracy=1.01, max_steps=4)

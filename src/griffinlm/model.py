@@ -19,6 +19,7 @@ from .generate import GenerationMixin
 from .layers import Positions, ResidualBlock, RMSNorm
 from .layers.state import TreeWatch
 from .ops.decode_step import KernelViews, StepRows, logits_reference, logits_step
+from .ops.kernel_views import StepPlan
 from .ops.quantized import QuantizedWeight
 
 
@@ -300,14 +301,22 @@ class LanguageModel(nn.Module, GenerationMixin):
         else:
             doc_start = pos - segment_pos  # negative: the document began before the slot's stream
         x = self._embed(tokens)  # (n, D)
-        unchanged = not torch.compiler.is_compiling() and self.step_watch.unchanged(self)
+        compiling = torch.compiler.is_compiling()
+        unchanged = not compiling and self.step_watch.unchanged(self)
         rows = StepRows.make(x, slots, pos, doc_start, keys, whole, unchanged)
-        for block, state in zip(self.blocks, cache.blocks):
-            x = block.step(x, state, rows)
-        logits = self.step_views.run(x, rows)  # the fused output layer's bound call, while nothing changed
-        if logits is None:
-            logits = logits_step(x, self.final_norm.op_args(), self.embed.weight, self.config.logits_soft_cap,
-                                 rows, self.step_views)
+        plan = self.__dict__.get("_step_plan")
+        states = None if compiling else [s for state in cache.blocks for s in (state, None)] + [None]
+        if plan is not None and states is not None and plan.valid(rows, states):
+            logits = plan.replay(x, rows)  # every op's bound call: nothing changed since the last step
+        else:
+            for block, state in zip(self.blocks, cache.blocks):
+                x = block.step(x, state, rows)
+            logits = self.step_views.run(x, rows)  # the fused output layer's bound call, while nothing changed
+            if logits is None:
+                logits = logits_step(x, self.final_norm.op_args(), self.embed.weight, self.config.logits_soft_cap,
+                                     rows, self.step_views)
+            if not compiling:
+                self.__dict__["_step_plan"] = StepPlan.capture(self._step_ops(states), rows)
         if whole:
             cache.positions.add_(1)
         else:
@@ -315,6 +324,13 @@ class LanguageModel(nn.Module, GenerationMixin):
         if segment_pos is not None or not whole:
             cache.doc_start.index_copy_(0, slots, doc_start)
         return logits
+
+    def _step_ops(self, states: list) -> list[tuple[KernelViews | None, object]]:
+        """(views, state) of every op of a step in order (each block's temporal half and MLP, then
+        the output layer): what `StepPlan` reads the bound calls from."""
+        views = [v for block in self.blocks for v in (getattr(block.temporal, "step_views", None),
+                                                      getattr(block.mlp, "step_views", None))]
+        return list(zip(views + [self.step_views], states))
 
     def compile_decode_step(self, enable: bool = True, **compile_kwargs) -> None:
         """Compile the one-token step of `step` with `torch.compile` (static shapes: global

@@ -4,7 +4,10 @@ The paper's claims about selective copying and induction heads (Section 6.2) pre
 Transformer solves each task at the training length. Here every architecture follows the same rule:
 train in rounds (`rounds.train_rounds`, interleaved across architectures), evaluate greedy
 answer-token accuracy at the training length after each round, stop once it reaches
-`target_accuracy` or at the step cap; then test at longer contexts. Every round is in the run cache,
+`target_accuracy` or at the step cap; a run that reached the cap unsolved is followed by one from
+scratch at the next learning rate of `lrs` (the ladder: one rule for every architecture, so that no
+architecture fails for a learning rate it cannot learn at); then the run that solved the task (else
+the last) is tested at longer contexts. Every round is in the run cache,
 so an interrupted study resumes from its last round, and the report is rewritten after each round.
 Accuracies are shown beside the chance rate 1/vocab. The phonebook is not part of the paper budget:
 the paper prompts pre-trained models with a phonebook, a different experiment from training on one.
@@ -67,31 +70,46 @@ def run_until_solved(ctx: StudyContext, s: CopyRetrievalSettings, report_name: s
         tests = {f: make_task(task_name, **task_settings(s, task_name, f)) for f in s.test_factors}
         configs = task_configs(s, task_name, train_task)
         params = {a: LanguageModel(c).param_count() for a, c in configs.items()}
-        spec = RoundSpec(round_steps=task_value(s, task_name, "round_steps"),
-                         max_steps=task_value(s, task_name, "max_steps"), target=s.target_accuracy,
-                         batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, seed=seed)
         eval_bs = eval_batch_size(s, train_task.seq_len)
-        runs: list[RoundRun] = []
-        for arch in s.archs:
+        ladder = lrs(s)
+
+        def batch_fn(i: int, task=train_task) -> Any:
+            return task.sample(s.batch_size, np.random.default_rng([seed, i]))
+
+        def eval_fn(model, task=train_task) -> dict:
+            return task_accuracy(model, task, s.eval_examples, eval_bs, seed)
+
+        def make_run(arch: str, rung: int, task_name=task_name, configs=configs) -> RoundRun:
+            spec = RoundSpec(round_steps=task_value(s, task_name, "round_steps"),
+                             max_steps=task_value(s, task_name, "max_steps"), target=s.target_accuracy,
+                             batch_size=s.batch_size, lr=ladder[rung], warmup_steps=s.warmup_steps, seed=seed)
             key = {"study": NAME, "mode": "until-solved", "task": task_name,
                    "task_settings": task_settings(s, task_name), "arch": arch, "model": configs[arch].to_dict(),
                    "eval_examples": s.eval_examples, "eval_batch": eval_bs}
+            name = f"{NAME}-{task_name}-{arch}" + (f"-lr{ladder[rung]:g}" if rung else "")
+            return RoundRun(name, key, configs[arch], spec, batch_fn, eval_fn)
 
-            def batch_fn(i: int, task=train_task) -> Any:
-                return task.sample(s.batch_size, np.random.default_rng([seed, i]))
+        ctx.log(f"{NAME}: {task_name} ({train_task.seq_len} tokens): rounds of "
+                f"{task_value(s, task_name, 'round_steps')} steps of {s.batch_size} examples until accuracy >= "
+                f"{s.target_accuracy} or {task_value(s, task_name, 'max_steps')} steps, at lr {list(ladder)} in turn")
+        attempts: dict[str, list[RoundRun]] = {a: [] for a in s.archs}
+        runs = [make_run(a, 0) for a in s.archs]
+        while runs:
+            for run in runs:
+                attempts[run.key["arch"]].append(run)
 
-            def eval_fn(model, task=train_task) -> dict:
-                return task_accuracy(model, task, s.eval_examples, eval_bs, seed)
-            runs.append(RoundRun(f"{NAME}-{task_name}-{arch}", key, configs[arch], spec, batch_fn, eval_fn))
-        ctx.log(f"{NAME}: {task_name} ({train_task.seq_len} tokens): rounds of {spec.round_steps} steps of "
-                f"{s.batch_size} examples until accuracy >= {s.target_accuracy} or {spec.max_steps} steps")
-
-        def progress(task_name=task_name, runs=runs) -> None:
-            results[task_name] = {r.key["arch"]: _run_record(r, params, None) for r in runs}
-            _write(ctx, s, results, report_name)
-        train_rounds(runs, ctx.cache, ctx.device, ctx.log, progress)
+            def progress(task_name=task_name) -> None:
+                results[task_name] = {a: _run_record(tried, params, None) for a, tried in attempts.items()}
+                _write(ctx, s, results, report_name)
+            train_rounds(runs, ctx.cache, ctx.device, ctx.log, progress)
+            unsolved = [r for r in runs if not r.solved and len(attempts[r.key["arch"]]) < len(ladder)]
+            for r in unsolved:
+                r.model = r.optimizer = None  # superseded by the run at the next learning rate
+            runs = [make_run(r.key["arch"], len(attempts[r.key["arch"]])) for r in unsolved]
         results[task_name] = {}
-        for run in runs:
+        for arch, tried in attempts.items():
+            run = tried[-1]
+            spec = run.spec
             test_bs = {f: eval_batch_size(s, t.seq_len) for f, t in tests.items()}
             test_n = s.test_examples or s.eval_examples
             key = {**run.key, "rounds": spec.key(), "final_step": run.step, "test_examples": test_n,
@@ -104,15 +122,26 @@ def run_until_solved(ctx: StudyContext, s: CopyRetrievalSettings, report_name: s
                                        **task_accuracy(model, t, test_n, test_bs[f], seed)}
                                       for f, t in tests.items()]}
             tested = ctx.cache.run(f"{run.name}-tests", key, compute)
-            results[task_name][run.key["arch"]] = _run_record(run, params, tested["by_length"])
+            results[task_name][arch] = _run_record(tried, params, tested["by_length"])
             run.model = run.optimizer = None  # free the memory before the next task
         _write(ctx, s, results, report_name)
     return _write(ctx, s, results, report_name)
 
 
-def _run_record(run: RoundRun, params: dict[str, int], by_length: list[dict] | None) -> dict:
-    return {"params": params[run.key["arch"]], "history": run.history, "steps": run.step,
-            "stopped": run.stopped or "in progress", "solved": run.solved, "by_length": by_length}
+def lrs(s: CopyRetrievalSettings) -> tuple[float, ...]:
+    """The learning rates an architecture tries in turn (`lrs`, else just `lr`)."""
+    return tuple(s.lrs) or (s.lr,)
+
+
+def _run_record(tried: list[RoundRun], params: dict[str, int], by_length: list[dict] | None) -> dict:
+    """One architecture's runs at a task, the last (the one that solved it, or the last tried) in
+    full, the earlier ones as one line each in `attempts`."""
+    run = tried[-1]
+    return {"params": params[run.key["arch"]], "lr": run.spec.lr, "history": run.history, "steps": run.step,
+            "stopped": run.stopped or "in progress", "solved": run.solved, "by_length": by_length,
+            "attempts": [{"lr": r.spec.lr, "steps": r.step, "stopped": r.stopped or "in progress",
+                          "token_accuracy": r.history[-1]["token_accuracy"] if r.history else None}
+                         for r in tried[:-1]]}
 
 
 def _write(ctx: StudyContext, s: CopyRetrievalSettings, results: dict[str, dict[str, dict]],
@@ -127,11 +156,13 @@ def _write(ctx: StudyContext, s: CopyRetrievalSettings, results: dict[str, dict[
         archs = [a for a in s.archs if a in res]
         train_len = make_task(task_name, **task_settings(s, task_name)).seq_len
         cap = task_value(s, task_name, "max_steps")
-        summary = [[ARCH_LABELS[a], res[a]["params"], res[a]["steps"], res[a]["stopped"],
+        summary = [[ARCH_LABELS[a], res[a]["params"], res[a]["lr"], res[a]["steps"], res[a]["stopped"],
                     res[a]["history"][-1]["token_accuracy"] if res[a]["history"] else None,
-                    res[a]["history"][-1]["exact_match"] if res[a]["history"] else None, chance] for a in archs]
-        t0 = md_table(["model", "params", "steps trained", "stopped", f"token acc @{train_len}",
-                       f"exact @{train_len}", "chance (1/vocab)"], summary)
+                    res[a]["history"][-1]["exact_match"] if res[a]["history"] else None, chance,
+                    "; ".join(f"lr {t['lr']:g}: {t['steps']} steps, {t['stopped']}, accuracy "
+                              f"{t['token_accuracy']:.3f}" for t in res[a]["attempts"]) or "none"] for a in archs]
+        t0 = md_table(["model", "params", "lr", "steps trained", "stopped", f"token acc @{train_len}",
+                       f"exact @{train_len}", "chance (1/vocab)", "earlier runs (higher lr)"], summary)
         steps = sorted({h["step"] for a in archs for h in res[a]["history"]})
         by_step = {a: {h["step"]: h["token_accuracy"] for h in res[a]["history"]} for a in archs}
         t1 = md_table(["step", *[ARCH_LABELS[a] for a in archs]],
@@ -158,11 +189,13 @@ def _write(ctx: StudyContext, s: CopyRetrievalSettings, results: dict[str, dict[
     intro = (f"The paper's synthetic setting: every architecture has {s.depth} blocks of width {s.width} "
              f"({s.num_heads} heads, MLP expansion 3, each architecture's own block pattern; "
              f"{'parameters matched through the MLP width' if s.match_params else 'one shape for all, as in the paper'}"
-             f"), trained with batches of {s.batch_size} examples, AdamW at lr {s.lr} (linear warmup over "
-             f"{s.warmup_steps} steps, then constant), seed {first_seed(s)}. Every architecture follows the same "
-             f"rule: train in rounds, evaluate greedy answer-token accuracy at the training length on "
+             f"), trained with batches of {s.batch_size} examples, AdamW (linear warmup over {s.warmup_steps} "
+             f"steps, then constant), seed {first_seed(s)}. Every architecture follows the same rule: train in "
+             f"rounds at lr {lrs(s)[0]:g}, evaluate greedy answer-token accuracy at the training length on "
              f"{s.eval_examples} held-out examples after each round, stop once it reaches {s.target_accuracy} "
-             f"or at the step cap; then test at the training context times {list(s.test_factors)}. The step "
+             f"or at the step cap; a run that reaches the cap unsolved is followed by one from scratch at the "
+             f"next learning rate of {list(lrs(s))}; the run that solved the task (else the last) is then "
+             f"tested at the training context times {list(s.test_factors)}. The step "
              f"caps of this run: {caps} (the budget's own, {default_caps}, are about an hour of one CPU core); "
              f"a round's result does not depend on the cap, so "
              f"`--set max_steps=N copy_max_steps=N` continues from the cached rounds. Chance is "
@@ -185,7 +218,7 @@ def _verdicts(s: CopyRetrievalSettings, task_name: str, res: dict[str, dict], tr
     label = TASK_LABELS[task_name]
     archs = [a for a in s.archs if a in res]
     done = all(res[a]["stopped"] in ("solved", "cap") for a in archs)
-    steps = ", ".join(f"{ARCH_LABELS[a]} {res[a]['steps']} steps "
+    steps = ", ".join(f"{ARCH_LABELS[a]} {res[a]['steps']} steps at lr {res[a]['lr']:g} "
                       f"({res[a]['stopped']}, accuracy {res[a]['history'][-1]['token_accuracy']:.3f})"
                       for a in archs if res[a]["history"])
     out = [f"{label}: {steps}; chance {chance:.4f}."]
@@ -203,7 +236,12 @@ def _verdicts(s: CopyRetrievalSettings, task_name: str, res: dict[str, dict], tr
     out.append(f"{label}: the Transformer solved the task at the training length ({train_len} tokens) after "
                f"{tr['steps']} steps (accuracy {tr['history'][-1]['token_accuracy']:.3f}): the paper's "
                f"precondition is met.")
-    if done:
+    if done and len({res[a]["lr"] for a in archs}) > 1:
+        shown = ", ".join(f"{ARCH_LABELS[a]} lr {res[a]['lr']:g}" for a in archs)
+        out.append(f"{label}: the models were trained at different learning rates ({shown}), so their steps to "
+                   f"solve do not compare. Paper: Transformer fastest, Griffin close, Hawk slowest: "
+                   f"**unresolved**.")
+    elif done:
         order = sorted(archs, key=lambda a: solve_step[a] if solve_step[a] is not None else cap + 1)
         claim = [a for a in ("transformer", "griffin", "hawk") if a in archs]
         shown = ", ".join(f"{ARCH_LABELS[a]} {solve_step[a] if solve_step[a] is not None else f'> {cap}'}"

@@ -69,6 +69,9 @@ class CopyRetrievalSettings:
     copy_max_steps: int = 0
     target_accuracy: float = 0.99
     warmup_steps: int = 100
+    # Train until solved: the learning rates each architecture tries in order, a run from scratch at
+    # the next one after a run that reached the cap unsolved (empty: lr only).
+    lrs: tuple[float, ...] = ()
     # Per-task local windows (0: local_window); match_params False keeps one shape for every
     # architecture (the paper's convention) instead of resizing MLPs to Griffin's parameter count.
     copy_window: int = 0
@@ -99,7 +102,8 @@ BUDGETS = {
                                    copy_length=1024, copy_tokens=16, induction_length=256, vocab=16,
                                    copy_window=512, induction_window=128, match_params=False,
                                    round_steps=100, max_steps=1200, copy_round_steps=50, copy_max_steps=50,
-                                   warmup_steps=100, eval_tokens=32768, test_factors=(1, 2, 4, 8), seeds=(0,)),
+                                   warmup_steps=100, eval_tokens=32768, test_factors=(1, 2, 4, 8), seeds=(0,),
+                                   lrs=(3e-3, 1e-3)),
 }
 
 

@@ -48,6 +48,9 @@ class TreeWatch:
         self.adapters: list[nn.Module] = []
         self.adapter_state: tuple = ()
 
+    def __reduce__(self):
+        return TreeWatch, ()  # a copied or unpickled model starts watching its own tree
+
     def unchanged(self, root: nn.Module) -> bool:
         """False on the first call and after any change (then it starts watching anew)."""
         if (self.dicts and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objects))

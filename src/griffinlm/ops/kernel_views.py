@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .decode_step import StepRows
 
 FUSED_CALLS = numba_common.FUSED_CALLS  # kernel calls per op name
+REPLAYS = "step_plan_replay"  # its entry counting the steps a `StepPlan` replayed
 
 EMPTY_ARRAY = np.empty(0, np.float32)
 
@@ -75,6 +76,11 @@ class KernelViews:
         self.plans: dict[int, object] = {}
         self.plan_inputs: tuple = ()  # the other tensors (projections) the plans were bound to
 
+    def __reduce__(self):
+        # a copy or an unpickled model starts with an empty memo: the bound calls close over
+        # this model's arrays (and cannot be pickled)
+        return KernelViews, ()
+
     def hybrid(self) -> "KernelViews":
         """The memo of the same layer's hybrid path."""
         if self.hybrid_views is None:
@@ -88,18 +94,22 @@ class KernelViews:
         (gathering its arguments, then the op, which binds the call again)."""
         if rows is None or not rows.unchanged:
             return None
-        if rows.fused:
-            memo, bound = self, self.bound
-        elif rows.hybrid and self.hybrid_views is not None:
-            memo = self.hybrid_views
-            bound = memo.plans.get(rows.row_class)
-        else:
-            return None
+        memo, bound = self.current(rows)
         if bound is None or len(pool) != len(memo.pool) or not all(map(operator.is_, pool, memo.pool)):
             return None
         out = bound(x, rows)
         FUSED_CALLS[memo.name] += 1
         return x if out is None else out
+
+    def current(self, rows: "StepRows") -> tuple["KernelViews | None", object]:
+        """(memo, call): the bound call a step of `rows`' kind would run (the streaming kernel's,
+        or the hybrid path's for its row class) and the memo that holds it; (None, None) when
+        there is none. Whether it is still valid is `run`'s business (or `StepPlan`'s)."""
+        if rows.fused:
+            return self, self.bound
+        if rows.hybrid and self.hybrid_views is not None:
+            return self.hybrid_views, self.hybrid_views.plans.get(rows.row_class)
+        return None, None
 
     def bind(self, row_class: int, name: str, inputs: tuple, bound) -> None:
         """Keeps `bound` as the hybrid path's call for `row_class`. `inputs`: the op's tensors that
@@ -136,3 +146,74 @@ class KernelViews:
         self.plans.clear()
         self.views = tuple(_kernel_view(t) for t in tensors) if ok else None
         return self.views
+
+
+class StepPlan:
+    """A decoding step's bound calls in order, read from its ops' `KernelViews` after a step in
+    which every op bound one: while the model is unchanged (`rows.unchanged`), the rows are of the
+    same kind (streaming, or hybrid of the same row class), the same state pool is stepped and
+    every memo still holds the call it held then, the next step replays them without walking
+    the module tree (the same calls `KernelViews.run` would make, after the same checks).
+
+    ops: (views, state) per op in step order, state the op's `SlotState` (its tensors are the
+    pool the op's kernels bound, in declaration order) or None; the last op returns the logits."""
+
+    __slots__ = ("kind", "views", "memos", "calls", "names", "pools")
+
+    def __init__(self, kind, views, memos, calls, names, pools) -> None:
+        self.kind, self.views, self.memos, self.calls, self.names, self.pools = (
+            kind, views, memos, calls, names, pools)
+
+    def __reduce__(self):
+        return _no_plan, ()  # as KernelViews: a copied or unpickled model captures its own
+
+    @staticmethod
+    def _kind(rows: "StepRows") -> tuple:
+        return rows.fused, rows.hybrid, rows.row_class
+
+    @classmethod
+    def capture(cls, ops: list[tuple[KernelViews, object]], rows: "StepRows") -> "StepPlan | None":
+        """The plan of the step just made with `rows`, or None when some op has no bound call
+        over its state's tensors (it ran its reference, or cannot bind)."""
+        views, memos, calls, names, pools = [], [], [], [], []
+        for v, state in ops:
+            if v is None:
+                return None
+            memo, call = v.current(rows)
+            pool = () if state is None else tuple(state.tensors().items())
+            if call is None or len(pool) != len(memo.pool) or not all(
+                    t is p for (_, t), p in zip(pool, memo.pool)):
+                return None
+            views.append(v)
+            memos.append(memo)
+            calls.append(call)
+            names.append(memo.name)
+            pools.append((state, pool))
+        return cls(cls._kind(rows), views, memos, calls, names, pools)
+
+    def valid(self, rows: "StepRows", states: list) -> bool:
+        """Whether a step of `rows` over the per-op `states` (as given to `capture`) may replay."""
+        if not rows.unchanged or self._kind(rows) != self.kind:
+            return False
+        for v, memo, call, (state, pool), now in zip(self.views, self.memos, self.calls, self.pools, states):
+            m, c = v.current(rows)
+            if state is not now or m is not memo or c is not call:
+                return False
+            for name, t in pool:
+                if getattr(state, name) is not t:
+                    return False
+        return True
+
+    def replay(self, x: torch.Tensor, rows: "StepRows") -> torch.Tensor:
+        """x (n, D) -> the last op's result (the logits), each op's call in turn."""
+        FUSED_CALLS[REPLAYS] += 1
+        for call, name in zip(self.calls, self.names):
+            out = call(x, rows)
+            FUSED_CALLS[name] += 1
+            if out is not None:
+                x = out
+        return x
+
+
+def _no_plan() -> None:
+    return None
