@@ -195,6 +195,21 @@ def test_copy_retrieval_until_solved_tries_the_next_learning_rate(tmp_path):
     assert ctx.cache.misses == 3
 
 
+def test_copy_retrieval_report_from_the_cache_without_training(tmp_path):
+    """train=False renders an interrupted study from its cached rounds: nothing is trained, a run
+    whose next round is not cached stays in progress (untested, no next learning rate), and
+    finished runs are reported as before."""
+    out = tmp_path / "study"
+    _until_solved(out, target_accuracy=1.01, max_steps=4)
+    ctx, data = _until_solved(out, target_accuracy=1.01, max_steps=8, lrs=[0.003, 0.001], train=False)
+    assert ctx.cache.misses == 0
+    for r in data["results"]["induction_heads"].values():
+        assert r["stopped"] == "in progress" and r["steps"] == 4 and r["by_length"] is None and r["attempts"] == []
+    assert "Not yet tested beyond the training length" in open(out / "copy-retrieval.md").read()
+    ctx, data = _until_solved(out, target_accuracy=1.01, max_steps=4, train=False)
+    assert all(r["stopped"] == "cap" and r["by_length"] for r in data["results"]["induction_heads"].values())
+
+
 def test_copy_retrieval_steps_to_solve_compare_only_at_one_learning_rate():
     from dataclasses import replace
 

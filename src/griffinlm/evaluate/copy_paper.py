@@ -101,14 +101,17 @@ def run_until_solved(ctx: StudyContext, s: CopyRetrievalSettings, report_name: s
             def progress(task_name=task_name) -> None:
                 results[task_name] = {a: _run_record(tried, params, None) for a, tried in attempts.items()}
                 _write(ctx, s, results, report_name)
-            train_rounds(runs, ctx.cache, ctx.device, ctx.log, progress)
-            unsolved = [r for r in runs if not r.solved and len(attempts[r.key["arch"]]) < len(ladder)]
+            train_rounds(runs, ctx.cache, ctx.device, ctx.log, progress, train=s.train)
+            unsolved = [r for r in runs if r.stopped == "cap" and len(attempts[r.key["arch"]]) < len(ladder)]
             for r in unsolved:
                 r.model = r.optimizer = None  # superseded by the run at the next learning rate
             runs = [make_run(r.key["arch"], len(attempts[r.key["arch"]])) for r in unsolved]
         results[task_name] = {}
         for arch, tried in attempts.items():
             run = tried[-1]
+            if not run.stopped:  # not trained to its end (train=False)
+                results[task_name][arch] = _run_record(tried, params, None)
+                continue
             spec = run.spec
             test_bs = {f: eval_batch_size(s, t.seq_len) for f, t in tests.items()}
             test_n = s.test_examples or s.eval_examples
@@ -172,16 +175,19 @@ def _write(ctx: StudyContext, s: CopyRetrievalSettings, results: dict[str, dict[
                 f"{task_value(s, task_name, 'round_steps')} steps until token accuracy >= {s.target_accuracy} "
                 f"or {cap} steps:\n\n{t0}\n\nAnswer-token accuracy at the training length after each round "
                 f"(a dash: that model had stopped):\n\n{t1}")
-        if archs and all(res[a]["by_length"] for a in archs):
-            contexts = [r["context"] for r in res[archs[0]]["by_length"]]
+        tested = [a for a in archs if res[a]["by_length"]]
+        if tested:
+            contexts = [r["context"] for r in res[tested[0]]["by_length"]]
             rows = [[ARCH_LABELS[a], *[r["token_accuracy"] for r in res[a]["by_length"]], chance,
-                     *[r["exact_match"] for r in res[a]["by_length"]]] for a in archs]
+                     *[r["exact_match"] for r in res[a]["by_length"]]] for a in tested]
             heads = [f"token acc @{c} ({f}x)" for c, f in zip(contexts, s.test_factors)] + ["chance"]
             heads += [f"exact @{c}" for c in contexts]
             text += (f"\n\nAfter training, by test context length in tokens ({s.test_examples or s.eval_examples} "
                      f"held-out examples each):\n\n{md_table(['model', *heads], rows)}")
-        else:
-            text += "\n\nNot yet tested beyond the training length (training has not finished)."
+        untested = [ARCH_LABELS[a] for a in archs if a not in tested]
+        if untested:
+            text += (f"\n\nNot yet tested beyond the training length: {', '.join(untested)} (training has not "
+                     f"finished).")
         sections.append(text)
         verdicts.extend(_verdicts(s, task_name, res, train_len, cap, chance))
     caps = ", ".join(f"{TASK_LABELS[t]} {task_value(s, t, 'max_steps')}" for t in s.tasks)

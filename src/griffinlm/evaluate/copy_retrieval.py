@@ -72,6 +72,9 @@ class CopyRetrievalSettings:
     # Train until solved: the learning rates each architecture tries in order, a run from scratch at
     # the next one after a run that reached the cap unsolved (empty: lr only).
     lrs: tuple[float, ...] = ()
+    # False: no training, the report from the cached rounds (a run whose next round is not cached
+    # stays in progress; finished runs are still tested)
+    train: bool = True
     # Per-task local windows (0: local_window); match_params False keeps one shape for every
     # architecture (the paper's convention) instead of resizing MLPs to Griffin's parameter count.
     copy_window: int = 0

@@ -130,6 +130,10 @@ class RoundRun:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, tmp)
         os.replace(tmp, path)
 
+    def next_round_cached(self, cache: RunCache) -> bool:
+        r = len(self.history) + 1
+        return cache.get(self._round_name(r), self._round_key(r)) is not None
+
     def advance(self, cache: RunCache, device: torch.device, log: Callable[[str], None] | None = None) -> None:
         """Completes the next round: from the cache when stored, else by training from the previous
         round's state (restarting from scratch if that state's file is gone)."""
@@ -201,13 +205,19 @@ class RoundRun:
 
 def train_rounds(runs: list[RoundRun], cache: RunCache, device: torch.device,
                  log: Callable[[str], None] | None = None,
-                 after_round: Callable[[], None] | None = None) -> None:
+                 after_round: Callable[[], None] | None = None, train: bool = True) -> None:
     """Advances every run round by round, interleaved (round r of each run before round r + 1 of
     any), until each has stopped; `after_round` is called after every round of the group (e.g. to
-    rewrite a report of the progress so far)."""
-    while any(not run.stopped for run in runs):
+    rewrite a report of the progress so far). `train=False`: cached rounds only, a run whose next
+    round is not in the cache stays where it is (not stopped: in progress)."""
+    waiting: set[int] = set()
+    while any(not run.stopped and id(run) not in waiting for run in runs):
         for run in runs:
-            if not run.stopped:
-                run.advance(cache, device, log)
+            if run.stopped or id(run) in waiting:
+                continue
+            if not train and not run.next_round_cached(cache):
+                waiting.add(id(run))
+                continue
+            run.advance(cache, device, log)
         if after_round is not None:
             after_round()
