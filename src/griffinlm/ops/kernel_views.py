@@ -95,11 +95,15 @@ class KernelViews:
         if rows is None or not rows.unchanged:
             return None
         memo, bound = self.current(rows)
-        if bound is None or len(pool) != len(memo.pool) or not all(map(operator.is_, pool, memo.pool)):
+        if bound is None or not memo.holds(pool):
             return None
         out = bound(x, rows)
         FUSED_CALLS[memo.name] += 1
         return x if out is None else out
+
+    def holds(self, pool: tuple) -> bool:
+        """Whether `pool` is the state pool (the same tensor objects) this memo's calls bound."""
+        return len(pool) == len(self.pool) and all(map(operator.is_, pool, self.pool))
 
     def current(self, rows: "StepRows") -> tuple["KernelViews | None", object]:
         """(memo, call): the bound call a step of `rows`' kind would run (the streaming kernel's,
@@ -124,7 +128,7 @@ class KernelViews:
     def states(self, *pool: torch.Tensor) -> tuple[np.ndarray, ...] | None:
         """Numpy arrays of a state pool's tensors (shared memory; pools are allocated once and
         never reallocated), or None unless they are float32 CPU tensors."""
-        if len(pool) != len(self.pool) or not all(map(operator.is_, pool, self.pool)):
+        if not self.holds(pool):
             ok = all(map(_kernel_tensor, pool))
             self.pool, self.pool_arrays, self.bound = pool, tuple(t.numpy() for t in pool) if ok else None, None
             self.plans.clear()
@@ -180,9 +184,10 @@ class StepPlan:
             if v is None:
                 return None
             memo, call = v.current(rows)
+            if call is None:
+                return None
             pool = () if state is None else tuple(state.tensors().items())
-            if call is None or len(pool) != len(memo.pool) or not all(
-                    t is p for (_, t), p in zip(pool, memo.pool)):
+            if not memo.holds(tuple(t for _, t in pool)):
                 return None
             views.append(v)
             memos.append(memo)
